@@ -1,0 +1,279 @@
+"""The contract every model family implements, and the planning types it receives.
+
+A backend never reads the environment, never sees Flask and never talks to Label Studio:
+it gets decoded items, runs its model, and turns outputs into Label Studio result items
+through serving/regions.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from serving.settings import Settings
+
+
+@dataclass(frozen=True)
+class ControlTag:
+    """One control tag of the labeling config (RectangleLabels, Labels, TextArea, ...)."""
+
+    name: str
+    tag: str
+    to_name: str
+    labels: tuple[str, ...] = ()
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    # config label -> model labels listed in its predicted_values attribute
+    predicted_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def attr(self, key: str, default: str = "") -> str:
+        """Return a tag attribute, looked up case-insensitively."""
+        lowered = {k.lower(): v for k, v in self.attrs.items()}
+        return lowered.get(key.lower(), default)
+
+
+@dataclass(frozen=True)
+class ObjectTag:
+    """One object tag (Image, Text, ...) and the task data key it reads."""
+
+    name: str
+    tag: str
+    value_key: str
+    attrs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model of a family: the unit that is loaded once and owns one batcher."""
+
+    family: str
+    name: str
+    path: str = ""
+
+    @property
+    def key(self) -> str:
+        """Return the stable key used in /health, metrics and the runtime."""
+        return f"{self.family}:{self.name}" + (f"@{self.path}" if self.path else "")
+
+
+class LabelMap:
+    """Map model labels to config labels; labels that map to nothing are never emitted."""
+
+    def __init__(
+        self,
+        config_labels: Sequence[str],
+        predicted_values: Mapping[str, Sequence[str]] | None = None,
+        aliases: Sequence[Collection[str]] = (),
+    ) -> None:
+        self.config_labels = tuple(config_labels)
+        self._predicted: dict[str, str] = {}
+        for config_label, model_labels in (predicted_values or {}).items():
+            for model_label in model_labels:
+                self._predicted.setdefault(model_label, config_label)
+        self._exact = set(self.config_labels)
+        self._ci: dict[str, str] = {}
+        for label in self.config_labels:
+            self._ci.setdefault(label.casefold(), label)
+        self._aliases = [frozenset(a.casefold() for a in group) for group in aliases]
+        self._cache: dict[str, str | None] = {}
+
+    def __call__(self, model_label: str) -> str | None:
+        """Return the config label for a model label, or None when it maps to nothing."""
+        if model_label in self._cache:
+            return self._cache[model_label]
+        result = self._resolve(model_label)
+        self._cache[model_label] = result
+        return result
+
+    def _resolve(self, model_label: str) -> str | None:
+        if model_label in self._predicted:
+            return self._predicted[model_label]
+        if model_label in self._exact:
+            return model_label
+        folded = model_label.casefold()
+        if folded in self._ci:
+            return self._ci[folded]
+        for group in self._aliases:
+            if folded in group:
+                for alias in group:
+                    if alias in self._ci:
+                        return self._ci[alias]
+        return None
+
+    @property
+    def explicit(self) -> bool:
+        """Return True when the config used predicted_values (only those labels are emitted then)."""
+        return bool(self._predicted)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one control tag needs from a backend: the control, its object, labels and knobs."""
+
+    control: ControlTag
+    obj: ObjectTag
+    model: ModelSpec
+    label_map: LabelMap
+    threshold: float = 0.5
+    # Linked controls on the same object whose items share the geometry's region id:
+    # "labels" (a sibling Labels tag) and "textarea" (a per-region TextArea), by role.
+    linked: Mapping[str, ControlTag] = field(default_factory=dict)
+    readonly: bool = False
+    hidden: bool = False
+
+    def option(self, key: str, default: str = "") -> str:
+        """Return a per-tag knob from the control's attributes."""
+        return self.control.attr(key, default)
+
+
+@dataclass
+class Item:
+    """One task's input for one object tag, resolved and decoded on the CPU."""
+
+    task: Mapping[str, Any]
+    obj: ObjectTag
+    image: Image.Image | None = None
+    text: str | None = None
+    context: Mapping[str, Any] | None = None
+
+    @property
+    def task_id(self) -> Any:
+        """Return the Label Studio task id (None for bare data)."""
+        return self.task.get("id")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Return (width, height) of the image as Label Studio shows it (EXIF applied)."""
+        if self.image is None:
+            raise ValueError("item has no image")
+        return self.image.size
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A backend's claim on a control tag during planning."""
+
+    control: ControlTag
+    model_name: str
+    model_path: str = ""
+    linked: Mapping[str, ControlTag] = field(default_factory=dict)
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """Return a short fingerprint of a weights file (name, size, mtime) that changes with the file."""
+    p = Path(path)
+    if not p.exists():
+        return "missing"
+    stat = p.stat()
+    ident = f"{p.name}:{stat.st_size}:{int(stat.st_mtime)}"
+    return hashlib.sha1(ident.encode()).hexdigest()[:8]
+
+
+class Backend(ABC):
+    """One model family. Subclass in backends/<family>.py; the registry discovers it."""
+
+    family: ClassVar[str] = ""
+    control_tags: ClassVar[tuple[str, ...]] = ()
+    object_tags: ClassVar[tuple[str, ...]] = ("Image",)
+    input_kind: ClassVar[str] = "image"  # "image" or "text": what the runtime resolves
+    max_batch_size: ClassVar[int] = 8
+    priority: ClassVar[int] = 100  # lower claims controls first
+    fp16: ClassVar[bool] = True  # autocast on CUDA is safe for this family
+    default_model: ClassVar[str] = ""
+    aliases: ClassVar[Sequence[Collection[str]]] = ()
+    default_threshold: ClassVar[float] = 0.5
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        """Store the spec; never load weights here (load() runs in the worker)."""
+        self.spec = spec
+        self.settings = settings
+        self.device = "cpu"
+        # The runtime's batcher thread holds this lock around forward(); interactive() must
+        # take it around its own model calls so one thread at a time touches the model.
+        self.lock = threading.RLock()
+
+    # ---- planning (class level, cheap, no model loaded) ----
+    @classmethod
+    def model_names(cls) -> tuple[str, ...]:
+        """Return the model_name values this family accepts."""
+        return (cls.default_model,) if cls.default_model else ()
+
+    @classmethod
+    def accepts_model(cls, name: str) -> bool:
+        """Return True when a tag's model_name picks this family."""
+        return name in cls.model_names()
+
+    @classmethod
+    def default_model_for(cls, settings: Settings) -> str:
+        """Return the model used when a tag names none (may depend on settings)."""
+        return cls.default_model
+
+    @classmethod
+    def claim(
+        cls, obj: ObjectTag, controls: Sequence[ControlTag], settings: Settings
+    ) -> list[Claim]:
+        """Return the controls on one object this family fills (default: by control tag)."""
+        if obj.tag not in cls.object_tags:
+            return []
+        claims = []
+        for control in controls:
+            if control.tag not in cls.control_tags:
+                continue
+            name = control.attr("model_name")
+            if name and not cls.accepts_model(name):
+                continue
+            claims.append(
+                Claim(
+                    control=control,
+                    model_name=name or cls.default_model_for(settings),
+                    model_path=control.attr("model_path"),
+                )
+            )
+        return claims
+
+    @classmethod
+    def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
+        """Return None when the model can load, else why not and how to fix it (cheap check)."""
+        return None
+
+    # ---- runtime (instance level, in the worker process) ----
+    @abstractmethod
+    def load(self, device: str) -> None:
+        """Load weights onto the device; called once per worker process, off the request path."""
+
+    def version(self) -> str:
+        """Return a stable id of the model and its weights (feeds model_version)."""
+        return self.spec.name
+
+    def labels(self) -> Sequence[str]:
+        """Return the model's vocabulary (for label maps and docs)."""
+        return ()
+
+    def preprocess(self, item: Item) -> Any:
+        """Turn one decoded item into the model's input (CPU, thread pool)."""
+        return item
+
+    @abstractmethod
+    def forward(self, batch: list[Any]) -> list[Any]:
+        """Run the model on a batch; return exactly one CPU output per input (the only GPU step).
+
+        The runtime calls it from the model's own thread, under torch.inference_mode() and,
+        on CUDA when the family allows fp16, torch.autocast(float16); inputs go to self.device here.
+        """
+
+    @abstractmethod
+    def postprocess(self, output: Any, target: Target, item: Item) -> list[dict[str, Any]]:
+        """Turn one output into Label Studio result items for one target (CPU)."""
+
+    def interactive(
+        self, item: Item, targets: Sequence[Target], context: Mapping[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """Answer an interactive call (params.context); None means use the normal path."""
+        return None

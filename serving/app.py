@@ -1,0 +1,215 @@
+"""create_app(settings=None) -> Flask: the label_studio_ml 2.x wire protocol, routes only."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from model import MLModel
+from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unauthorized
+from serving.runtime import Runtime
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Routes that answer without basic auth: Label Studio's health probe, and project webhooks,
+# which Label Studio sends without credentials (protected by WEBHOOK_SECRET instead).
+OPEN_ROUTES = {"/health", "/webhook"}
+
+
+def _json_body() -> dict[str, Any]:
+    """Return the request's JSON object or raise a 400 that says what is wrong."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _check_basic_auth(settings: Settings) -> None:
+    if not (settings.basic_auth_user and settings.basic_auth_pass):
+        return
+    header = request.headers.get("Authorization", "")
+    user, password = "", ""
+    if header.startswith("Basic "):
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+        except Exception:
+            user, password = "", ""
+    # compare both fields in constant time, and always both, so timing tells nothing
+    ok_user = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode())
+    ok_pass = hmac.compare_digest(password.encode(), settings.basic_auth_pass.encode())
+    if not (ok_user and ok_pass):
+        raise Unauthorized("basic auth required: set the user and password in Label Studio's model settings")
+
+
+def create_app(
+    settings: Settings | None = None, runtime: Runtime | None = None, model: MLModel | None = None
+) -> Flask:
+    """Build the Flask app; models load in the background, never on the request path."""
+    settings = settings or Settings.from_env()
+    if model is None:
+        runtime = runtime or Runtime(settings)
+        model = MLModel(settings, runtime)
+    runtime = model.runtime
+    metrics = runtime.metrics
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["lsml_model"] = model
+    app.extensions["lsml_settings"] = settings
+
+    @app.before_request
+    def _before() -> None:
+        g.started = time.perf_counter()
+        if request.path not in OPEN_ROUTES:
+            _check_basic_auth(settings)
+
+    @app.after_request
+    def _after(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        started = getattr(g, "started", None)
+        if started is not None:
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+        if response.status_code >= 500:
+            metrics.errors.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(ServingError)
+    def _serving_error(exc: ServingError) -> tuple[Response, int, dict[str, str]]:
+        headers = {}
+        retry = getattr(exc, "retry_after_s", None)
+        if retry is not None:
+            headers["Retry-After"] = str(retry)
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        else:
+            log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        return jsonify(exc.to_json()), exc.status, headers
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body larger than {settings.max_request_bytes} bytes (MAX_REQUEST_BYTES)"
+        return jsonify({"status": status, "error": exc.name.lower().replace(" ", "_"), "message": message}), status
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        incident = uuid.uuid4().hex[:8]
+        log.exception("unexpected error %s on %s %s", incident, request.method, request.path)
+        body = {"status": 500, "error": "internal_error", "message": f"internal error {incident}; see the server log"}
+        return jsonify(body), 500
+
+    def _health() -> Response:
+        return jsonify({"status": "UP", "model_class": model.model_class, "backends": runtime.status()})
+
+    app.add_url_rule("/", "index", _health, methods=["GET"])
+    app.add_url_rule("/health", "health", _health, methods=["GET"])
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_body()
+        schema = body.get("schema")
+        if not isinstance(schema, str):
+            raise BadRequest("'schema' (the project's labeling config XML) is missing")
+        extra = body.get("extra_params")
+        version = model.setup(
+            project=body.get("project"),
+            schema=schema,
+            hostname=body.get("hostname") if isinstance(body.get("hostname"), str) else None,
+            access_token=body.get("access_token") if isinstance(body.get("access_token"), str) else None,
+            extra_params=extra if isinstance(extra, dict) else None,
+        )
+        return jsonify({"model_version": version})
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
+        if not tasks:
+            raise BadRequest("'tasks' is empty; send at least one task")
+        if len(tasks) > settings.max_tasks_per_request:
+            raise PayloadTooLarge(
+                f"{len(tasks)} tasks in one request; the limit is {settings.max_tasks_per_request} "
+                "(MAX_TASKS_PER_REQUEST). Use POST /batch for large imports"
+            )
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the labeling config XML as a string")
+        params = body.get("params")
+        context = params.get("context") if isinstance(params, dict) else None
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest("'params.context' must be an object or null")
+        project = body.get("project")
+        results = model.predict(
+            tasks, context=context, label_config=label_config, project=str(project) if project else None
+        )
+        return jsonify({"results": results})
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        if settings.webhook_secret and not hmac.compare_digest(
+            request.args.get("secret", "").encode(), settings.webhook_secret.encode()
+        ):
+            raise Unauthorized("webhook secret missing or wrong: add ?secret=<WEBHOOK_SECRET> to the webhook URL")
+        body = _json_body()
+        action = body.get("action")
+        if not isinstance(action, str):
+            raise BadRequest("webhook body has no 'action'")
+        if action in {"START_TRAINING"}:
+            model.fit(action, body)
+        else:
+            log.debug("webhook %s acknowledged", action)
+        return jsonify({"status": "ok", "action": action}), 201
+
+    @app.post("/train")
+    def train() -> tuple[Response, int]:
+        body = _json_body()
+        result = model.fit("START_TRAINING", body)
+        return jsonify(result), 201
+
+    @app.get("/versions")
+    def versions() -> Response:
+        return jsonify({"versions": model.versions()})
+
+    @app.get("/metrics")
+    def metrics_route() -> Response:
+        runtime.status()  # refresh queue-depth gauges
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        from serving.openapi import spec
+
+        return jsonify(spec())
+
+    try:
+        from serving.jobs import JobManager, register_job_routes
+    except ImportError:  # pragma: no cover - jobs are part of the package
+        log.warning("batch jobs unavailable: serving.jobs missing")
+    else:
+        manager = JobManager(settings, runtime.predict)
+        app.extensions["lsml_jobs"] = manager
+        register_job_routes(app, manager)
+
+    runtime.warmup()
+    log.info("app ready; settings: %s", settings.redacted())
+    return app

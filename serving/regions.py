@@ -1,0 +1,276 @@
+"""Label Studio geometry in one place: pixel units in, percent-of-original-image items out.
+
+Every backend builds its result items here so that coordinate conventions, linked items
+(geometry + labels + per-region textarea sharing one id) and clamping live in one module.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from backends.base import Target
+
+# Control tags whose value carries the label list under the lower-cased tag name.
+LABELED_GEOMETRY = {
+    "RectangleLabels": "rectangle",
+    "PolygonLabels": "polygon",
+    "EllipseLabels": "ellipse",
+    "KeyPointLabels": "keypoint",
+    "BrushLabels": "brush",
+}
+PLAIN_GEOMETRY = {"Rectangle", "Polygon", "Ellipse", "KeyPoint", "Brush"}
+
+
+def new_id() -> str:
+    """Return a fresh region id, unique within a prediction."""
+    return uuid.uuid4().hex[:10]
+
+
+def clamp_pct(value: float) -> float:
+    """Clamp a percentage to [0, 100] (regions partly outside the image stay valid)."""
+    if math.isnan(value):
+        return 0.0
+    return min(100.0, max(0.0, float(value)))
+
+
+def box_xyxy_px_to_pct(box_xyxy_px: Sequence[float], size: tuple[int, int]) -> dict[str, float]:
+    """Convert a pixel box (x0, y0, x1, y1) to LS percent x/y/width/height, clamped."""
+    width_px, height_px = size
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy_px)
+    x0_pct = clamp_pct(x0 / width_px * 100.0)
+    y0_pct = clamp_pct(y0 / height_px * 100.0)
+    x1_pct = clamp_pct(x1 / width_px * 100.0)
+    y1_pct = clamp_pct(y1 / height_px * 100.0)
+    return {
+        "x": x0_pct,
+        "y": y0_pct,
+        "width": max(0.0, x1_pct - x0_pct),
+        "height": max(0.0, y1_pct - y0_pct),
+    }
+
+
+def points_px_to_pct(points_px: Iterable[Sequence[float]], size: tuple[int, int]) -> list[list[float]]:
+    """Convert pixel points [(x, y), ...] to LS percent points, clamped."""
+    width_px, height_px = size
+    return [
+        [clamp_pct(float(x) / width_px * 100.0), clamp_pct(float(y) / height_px * 100.0)]
+        for x, y in points_px
+    ]
+
+
+def rotated_rect_px_to_pct(
+    corners_px: Sequence[Sequence[float]], size: tuple[int, int]
+) -> dict[str, float]:
+    """Convert a rotated quad (tl, tr, br, bl in pixels) to LS x/y/width/height/rotation.
+
+    Label Studio rotates a rectangle clockwise (degrees) about its top-left corner (x, y).
+    """
+    (x0, y0), (x1, y1), _, (x3, y3) = [(float(x), float(y)) for x, y in corners_px[:4]]
+    width_px, height_px = size
+    w = math.hypot(x1 - x0, y1 - y0)
+    h = math.hypot(x3 - x0, y3 - y0)
+    angle = math.degrees(math.atan2(y1 - y0, x1 - x0)) % 360.0
+    if abs(angle) < 1e-6 or abs(angle - 360.0) < 1e-6:
+        angle = 0.0
+    return {
+        "x": clamp_pct(x0 / width_px * 100.0),
+        "y": clamp_pct(y0 / height_px * 100.0),
+        "width": w / width_px * 100.0,
+        "height": h / height_px * 100.0,
+        "rotation": angle,
+    }
+
+
+def _base_item(
+    target: Target,
+    from_name: str,
+    type_: str,
+    value: dict[str, Any],
+    region_id: str,
+    score: float,
+    size: tuple[int, int] | None,
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": region_id,
+        "from_name": from_name,
+        "to_name": target.obj.name,
+        "type": type_,
+        "value": value,
+        "score": float(score),
+    }
+    if size is not None:
+        item["original_width"] = int(size[0])
+        item["original_height"] = int(size[1])
+        item["image_rotation"] = 0
+    if target.readonly:
+        item["readonly"] = True
+    if target.hidden:
+        item["hidden"] = True
+    return item
+
+
+def geometry_items(
+    target: Target,
+    geometry: dict[str, Any],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    text: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the linked items of one image region: geometry, labels, per-region textarea.
+
+    `geometry` is the percent value (x/y/width/height[/rotation], points, rle...). A labeled
+    control (RectangleLabels...) needs a label: without one nothing is emitted. A plain
+    control (Rectangle...) with a linked Labels tag gets a separate `labels` item with the
+    same id and geometry, and a linked per-region TextArea gets a `textarea` item.
+    """
+    control = target.control
+    region_id = region_id or new_id()
+    items: list[dict[str, Any]] = []
+    if control.tag in LABELED_GEOMETRY:
+        if label is None:
+            return []
+        value = dict(geometry)
+        value[control.tag.lower()] = [label]
+        items.append(_base_item(target, control.name, control.tag.lower(), value, region_id, score, size))
+    else:
+        items.append(_base_item(target, control.name, control.tag.lower(), dict(geometry), region_id, score, size))
+        labels_control = target.linked.get("labels")
+        if labels_control is not None and label is not None:
+            value = dict(geometry)
+            value["labels"] = [label]
+            items.append(_base_item(target, labels_control.name, "labels", value, region_id, score, size))
+    textarea = target.linked.get("textarea")
+    if textarea is not None and text is not None:
+        value = dict(geometry)
+        value["text"] = [text]
+        items.append(_base_item(target, textarea.name, "textarea", value, region_id, score, size))
+    return items
+
+
+def rectangle_items(
+    target: Target,
+    box_xyxy_px: Sequence[float],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    text: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of an axis-aligned pixel box."""
+    geometry: dict[str, Any] = box_xyxy_px_to_pct(box_xyxy_px, size)
+    geometry["rotation"] = 0
+    return geometry_items(target, geometry, size, score, label, text, region_id)
+
+
+def polygon_items(
+    target: Target,
+    points_px: Iterable[Sequence[float]],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    text: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of a pixel polygon."""
+    geometry = {"points": points_px_to_pct(points_px, size), "closed": True}
+    return geometry_items(target, geometry, size, score, label, text, region_id)
+
+
+def ellipse_items(
+    target: Target,
+    center_px: Sequence[float],
+    radii_px: Sequence[float],
+    rotation_deg: float,
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of a pixel ellipse (center, radii, clockwise rotation in degrees)."""
+    width_px, height_px = size
+    geometry = {
+        "x": clamp_pct(center_px[0] / width_px * 100.0),
+        "y": clamp_pct(center_px[1] / height_px * 100.0),
+        "radiusX": float(radii_px[0]) / width_px * 100.0,
+        "radiusY": float(radii_px[1]) / height_px * 100.0,
+        "rotation": float(rotation_deg) % 360.0,
+    }
+    return geometry_items(target, geometry, size, score, label, None, region_id)
+
+
+def keypoint_items(
+    target: Target,
+    point_px: Sequence[float],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    width_pct: float = 0.5,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of one pixel keypoint."""
+    width_px, height_px = size
+    geometry = {
+        "x": clamp_pct(point_px[0] / width_px * 100.0),
+        "y": clamp_pct(point_px[1] / height_px * 100.0),
+        "width": float(width_pct),
+    }
+    return geometry_items(target, geometry, size, score, label, None, region_id)
+
+
+def brush_items(
+    target: Target,
+    mask_hw: np.ndarray,
+    score: float,
+    label: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of a binary mask at the original resolution (Label Studio brush RLE)."""
+    from serving.rle import mask_to_rle
+
+    height_px, width_px = mask_hw.shape[:2]
+    geometry = {"format": "rle", "rle": mask_to_rle(mask_hw)}
+    return geometry_items(target, geometry, (width_px, height_px), score, label, None, region_id)
+
+
+def span_item(
+    target: Target,
+    start: int,
+    end: int,
+    text: str,
+    label: str,
+    score: float,
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a text span item (character offsets into the task text)."""
+    value = {"start": int(start), "end": int(end), "text": text, target.control.tag.lower(): [label]}
+    return _base_item(target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None)
+
+
+def choices_item(
+    target: Target, choices: Sequence[str], score: float, size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Build a classification item."""
+    return _base_item(target, target.control.name, "choices", {"choices": list(choices)}, new_id(), score, None)
+
+
+def textarea_item(target: Target, texts: Sequence[str], score: float) -> dict[str, Any]:
+    """Build a whole-object textarea item (not per region)."""
+    return _base_item(target, target.control.name, "textarea", {"text": list(texts)}, new_id(), score, None)
+
+
+def prediction_score(items: Sequence[dict[str, Any]]) -> float:
+    """Return the mean score over regions (one score per region id), 0.0 when empty."""
+    by_region: dict[str, float] = {}
+    for item in items:
+        by_region.setdefault(str(item.get("id")), float(item.get("score", 0.0)))
+    if not by_region:
+        return 0.0
+    return float(sum(by_region.values()) / len(by_region))

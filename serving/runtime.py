@@ -1,0 +1,427 @@
+"""The runtime: loads each model once per process, owns devices and batchers, runs predictions."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from backends.base import Backend, Item, ModelSpec, ObjectTag, Target
+from serving.batching import Batcher
+from serving.errors import InputError, ModelUnavailable, Overloaded
+from serving.labeling import Plan, Planner
+from serving.metrics import Metrics
+from serving.regions import prediction_score
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Resolver(Protocol):
+    """What the runtime needs from serving/data.py."""
+
+    def load_image(self, value: str, task_id: int | None = None) -> Any: ...  # noqa: D102
+
+    def load_text(self, value: str, task_id: int | None = None) -> str: ...  # noqa: D102
+
+
+@dataclass
+class ModelSlot:
+    """One loaded (or loading, or failed) model and the batcher that owns it."""
+
+    spec: ModelSpec
+    backend: Backend
+    state: str = "idle"  # idle | loading | ready | unavailable: <why>
+    ready: threading.Event = field(default_factory=threading.Event)
+    batcher: Batcher | None = None
+    load_seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        """Return True when the model cannot serve."""
+        return self.state.startswith("unavailable")
+
+
+@dataclass
+class TaskFailure:
+    """Why one task got an empty (or partial) result."""
+
+    index: int
+    task_id: Any
+    reason: str
+
+
+def pick_device(settings: Settings) -> str:
+    """Return the device to run on: DEVICE setting, else cuda when available, else cpu."""
+    if settings.device:
+        return settings.device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
+@contextlib.contextmanager
+def _torch_context(device: str, fp16: bool) -> Iterator[None]:
+    """Run under inference_mode, and fp16 autocast on CUDA when allowed."""
+    try:
+        import torch
+    except Exception:
+        yield
+        return
+    with torch.inference_mode():
+        if fp16 and device.startswith("cuda"):
+            with torch.autocast("cuda", dtype=torch.float16):
+                yield
+        else:
+            yield
+
+
+class Runtime:
+    """Plan configs, load models in the background, and predict tasks in order."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        families: Mapping[str, type[Backend]] | None = None,
+        resolver: Resolver | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.planner = Planner(self.settings, families)
+        self.families = self.planner.families
+        self.metrics = metrics or Metrics()
+        self._resolver = resolver
+        self._slots: dict[str, ModelSlot] = {}
+        self._lock = threading.Lock()
+        self._device: str | None = None
+        self._pool = ThreadPoolExecutor(max(1, self.settings.preprocess_threads), thread_name_prefix="prep")
+        self.versions: list[str] = []
+        self.client: Any = None
+        # The SDK's config parser takes ~1.5 s to import: do it off the request path so the
+        # first /setup (Label Studio waits 3 s) answers in milliseconds.
+        threading.Thread(target=_preimport, name="preimport", daemon=True).start()
+
+    # ---- set-up ----
+    @property
+    def resolver(self) -> Resolver:
+        """Return the data resolver (built on first use so start-up stays fast)."""
+        if self._resolver is None:
+            from serving.data import DataResolver
+            from serving.lsclient import LabelStudioClient
+
+            self.client = LabelStudioClient(self.settings)
+            self._resolver = DataResolver(self.settings, self.client)
+        return self._resolver
+
+    @property
+    def device(self) -> str:
+        """Return the device models run on (decided on first load, in a background thread)."""
+        if self._device is None:
+            self._device = pick_device(self.settings)
+        return self._device
+
+    def plan(self, label_config: str) -> Plan:
+        """Return the cached plan of a labeling config."""
+        return self.planner.plan(label_config)
+
+    def family(self, spec: ModelSpec) -> type[Backend]:
+        """Return the Backend class of a spec's family."""
+        return self.families[spec.family]
+
+    def slot(self, spec: ModelSpec, start: bool = True) -> ModelSlot:
+        """Return the slot of a model, creating it and starting its background load once."""
+        with self._lock:
+            slot = self._slots.get(spec.key)
+            if slot is None:
+                cls = self.family(spec)
+                slot = ModelSlot(spec=spec, backend=cls(spec, self.settings))
+                reason = None
+                try:
+                    reason = cls.availability(spec, self.settings)
+                except Exception as exc:
+                    reason = f"availability check failed: {exc}"
+                if reason:
+                    slot.state = f"unavailable: {reason}"
+                    slot.ready.set()
+                self._slots[spec.key] = slot
+            if start and slot.state == "idle":
+                slot.state = "loading"
+                threading.Thread(target=self._load, args=(slot,), name=f"load-{spec.key}", daemon=True).start()
+        return slot
+
+    def _load(self, slot: ModelSlot) -> None:
+        started = time.perf_counter()
+        backend = slot.backend
+        try:
+            backend.load(self.device)
+            backend.device = getattr(backend, "device", None) or self.device
+            max_batch = self.settings.max_batch_size or type(backend).max_batch_size
+            slot.batcher = Batcher(
+                slot.spec.key,
+                self._forward_fn(backend),
+                max_batch_size=max_batch,
+                max_wait_ms=self.settings.max_wait_ms,
+                queue_size=self.settings.queue_size,
+                on_batch=self.metrics.observe_batch,
+            )
+            slot.state = "ready"
+            slot.load_seconds = time.perf_counter() - started
+            log.info("model %s ready on %s in %.1f s", slot.spec.key, self.device, slot.load_seconds)
+        except Exception as exc:
+            slot.state = f"unavailable: load failed: {str(exc)[:300]}"
+            self.metrics.errors.labels(slot.spec.key, "load").inc()
+            log.exception("model %s failed to load", slot.spec.key)
+        finally:
+            slot.ready.set()
+
+    def _forward_fn(self, backend: Backend) -> Callable[[list[Any]], list[Any]]:
+        fp16 = self.settings.fp16 and type(backend).fp16
+
+        def run(batch: list[Any]) -> list[Any]:
+            with backend.lock, _torch_context(self.device, fp16):
+                return backend.forward(batch)
+
+        return run
+
+    def warmup(self, keys: Sequence[str] | None = None) -> None:
+        """Start loading models named "family:name[@path]" (non-blocking)."""
+        for key in keys if keys is not None else self.settings.warmup:
+            family, _, rest = key.partition(":")
+            name, _, path = rest.partition("@")
+            if family not in self.families:
+                log.warning("warm-up: unknown family %r in %r (known: %s)", family, key, ", ".join(self.families))
+                continue
+            cls = self.families[family]
+            self.slot(ModelSpec(family, name or cls.default_model_for(self.settings), path))
+
+    def status(self) -> dict[str, str]:
+        """Return {model key: state} for every model this process knows of."""
+        with self._lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            if slot.batcher is not None:
+                self.metrics.queue_depth.labels(slot.spec.key).set(slot.batcher.depth)
+        return {slot.spec.key: slot.state for slot in slots}
+
+    def check(self, plan: Plan) -> None:
+        """Start loading the plan's models; raise ModelUnavailable when one cannot load."""
+        problems = []
+        for spec in plan.specs:
+            slot = self.slot(spec)
+            if slot.failed:
+                problems.append(f"{spec.key}: {slot.state.removeprefix('unavailable: ')}")
+        if problems:
+            raise ModelUnavailable("cannot serve this labeling config: " + "; ".join(problems))
+
+    def model_version(self, plan: Plan) -> str:
+        """Return the version of a plan's models: changes when a model or its weights change."""
+        if self.settings.model_version:
+            version = self.settings.model_version
+        else:
+            parts = []
+            for spec in plan.specs:
+                try:
+                    parts.append(f"{spec.key}={self.slot(spec, start=False).backend.version()}")
+                except Exception as exc:
+                    parts.append(f"{spec.key}=error:{exc}")
+            digest = hashlib.sha1("|".join(sorted(parts)).encode()).hexdigest()[:8]
+            families = "+".join(sorted({spec.family for spec in plan.specs}))
+            version = f"{families}-{digest}"
+        if version not in self.versions:
+            self.versions.append(version)
+        return version
+
+    # ---- prediction ----
+    def _prepare(
+        self, task: Any, obj: ObjectTag, backend: Backend, context: Mapping[str, Any] | None
+    ) -> tuple[Item, Any]:
+        if not isinstance(task, Mapping):
+            raise InputError(f"task is a {type(task).__name__}, not an object with 'data'")
+        data = task.get("data")
+        if not isinstance(data, Mapping):
+            raise InputError("task has no 'data' object")
+        if obj.value_key not in data:
+            keys = ", ".join(sorted(map(str, data))[:10]) or "none"
+            raise InputError(
+                f"task data has no key '{obj.value_key}' (the config's <{obj.tag} value=\"${obj.value_key}\">); "
+                f"keys present: {keys}"
+            )
+        value = data[obj.value_key]
+        task_id = task.get("id") if isinstance(task.get("id"), int) else None
+        item = Item(task=task, obj=obj, context=context)
+        kind = type(backend).input_kind
+        if kind == "image":
+            if not isinstance(value, str):
+                raise InputError(f"data['{obj.value_key}'] must be an image URL or path, got {type(value).__name__}")
+            item.image = self.resolver.load_image(value, task_id)
+        elif kind == "text":
+            if not isinstance(value, str):
+                raise InputError(f"data['{obj.value_key}'] must be text or a URL, got {type(value).__name__}")
+            item.text = self.resolver.load_text(value, task_id)
+        return item, backend.preprocess(item)
+
+    def predict(
+        self,
+        label_config: str,
+        tasks: Sequence[Any],
+        context: Mapping[str, Any] | None = None,
+        failures: list[TaskFailure] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Return exactly one prediction per task, in task order; failed tasks get an empty result."""
+        plan = self.plan(label_config)
+        version = self.model_version(plan)
+        deadline = time.monotonic() + self.settings.predict_timeout_s
+        n = len(tasks)
+        results: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        reasons: dict[int, str] = {}
+        interactive = bool(context and isinstance(context, Mapping) and context.get("result"))
+
+        groups = []
+        for spec, obj, targets in plan.groups():
+            slot = self.slot(spec)
+            wait = max(0.0, min(self.settings.load_wait_s, deadline - time.monotonic()))
+            if not slot.ready.wait(wait):
+                for i in range(n):
+                    reasons.setdefault(i, f"model {spec.key} is still loading; retry in a moment")
+                continue
+            if slot.failed or slot.batcher is None:
+                for i in range(n):
+                    reasons.setdefault(i, f"model {spec.key} is {slot.state}")
+                continue
+            groups.append((slot, obj, targets))
+
+        window = 256
+        pending_prep: list[tuple[int, ModelSlot, list[Target], Future[tuple[Item, Any]]]] = []
+        for start in range(0, n, window):
+            for i in range(start, min(n, start + window)):
+                for slot, obj, targets in groups:
+                    fut = self._pool.submit(self._prepare, tasks[i], obj, slot.backend, context if interactive else None)
+                    pending_prep.append((i, slot, targets, fut))
+            self._drain(pending_prep, results, reasons, interactive, context, deadline)
+            pending_prep = []
+
+        schema = _schema(label_config)
+        predictions = []
+        for i in range(n):
+            items = results[i]
+            if schema is not None and items:
+                task = tasks[i] if isinstance(tasks[i], Mapping) else {}
+                items, problems = _filter_valid(schema, items, task.get("data"), i)
+                if problems:
+                    self.metrics.regions_dropped.labels("all").inc(len(problems))
+            if i in reasons:
+                task_id = tasks[i].get("id") if isinstance(tasks[i], Mapping) else None
+                log.warning("task %s (#%d): %s", task_id, i, reasons[i])
+                if failures is not None:
+                    failures.append(TaskFailure(i, task_id, reasons[i]))
+                self.metrics.tasks.labels("failed" if not items else "partial").inc()
+            else:
+                self.metrics.tasks.labels("ok").inc()
+            predictions.append({"result": items, "score": prediction_score(items), "model_version": version})
+        return predictions
+
+    def _drain(
+        self,
+        pending: list[tuple[int, ModelSlot, list[Target], Future[tuple[Item, Any]]]],
+        results: list[list[dict[str, Any]]],
+        reasons: dict[int, str],
+        interactive: bool,
+        context: Mapping[str, Any] | None,
+        deadline: float,
+    ) -> None:
+        """Feed prepared items to the batchers as they become ready, then post-process in the pool."""
+        index = {id(fut): (i, slot, targets) for i, slot, targets, fut in pending}
+        forwarded: list[tuple[int, ModelSlot, list[Target], Item, Future[Any]]] = []
+        post: list[tuple[int, Future[list[dict[str, Any]]]]] = []
+        try:
+            timeout = max(0.1, deadline - time.monotonic())
+            for fut in as_completed([p[3] for p in pending], timeout=timeout):
+                i, slot, targets = index[id(fut)]
+                try:
+                    item, x = fut.result()
+                except InputError as exc:
+                    reasons.setdefault(i, str(exc))
+                    continue
+                except Exception as exc:
+                    log.exception("preprocess failed for task #%d", i)
+                    reasons.setdefault(i, f"preprocess failed: {type(exc).__name__}: {exc}")
+                    continue
+                if interactive and context is not None:
+                    post.append((i, self._pool.submit(self._interactive, slot, item, targets, context, x)))
+                    continue
+                assert slot.batcher is not None
+                forwarded.append((i, slot, targets, item, slot.batcher.submit(x)))
+            for i, slot, targets, item, bfut in forwarded:
+                try:
+                    output = bfut.result(timeout=max(0.1, deadline - time.monotonic()))
+                except Overloaded:
+                    raise
+                except Exception as exc:
+                    self.metrics.errors.labels(slot.spec.key, type(exc).__name__).inc()
+                    reasons.setdefault(i, f"model {slot.spec.key} failed: {type(exc).__name__}: {exc}")
+                    continue
+                post.append((i, self._pool.submit(self._postprocess, slot, output, targets, item)))
+            for i, pfut in post:
+                try:
+                    results[i].extend(pfut.result(timeout=max(0.1, deadline - time.monotonic())))
+                except Exception as exc:
+                    log.exception("postprocess failed for task #%d", i)
+                    reasons.setdefault(i, f"postprocess failed: {type(exc).__name__}: {exc}")
+        except TimeoutError:
+            for i, *_ in pending:
+                if not results[i]:
+                    reasons.setdefault(i, f"prediction took longer than {self.settings.predict_timeout_s} s")
+
+    def _interactive(
+        self, slot: ModelSlot, item: Item, targets: list[Target], context: Mapping[str, Any], x: Any
+    ) -> list[dict[str, Any]]:
+        items = slot.backend.interactive(item, targets, context)
+        if items is not None:
+            return items
+        assert slot.batcher is not None
+        output = slot.batcher.submit(x).result(timeout=self.settings.predict_timeout_s)
+        return self._postprocess(slot, output, targets, item)
+
+    @staticmethod
+    def _postprocess(slot: ModelSlot, output: Any, targets: list[Target], item: Item) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        for target in targets:
+            items.extend(slot.backend.postprocess(output, target, item))
+        return items
+
+    def close(self) -> None:
+        """Stop the model threads and the pool."""
+        for slot in list(self._slots.values()):
+            if slot.batcher is not None:
+                slot.batcher.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _preimport() -> None:
+    try:
+        import label_studio_sdk.label_interface  # noqa: F401
+    except Exception as exc:  # reported again, with context, when a config is parsed
+        log.warning("label_studio_sdk import failed: %s", exc)
+
+
+def _schema(label_config: str) -> Any:
+    try:
+        from serving.validation import ConfigSchema
+    except ImportError:  # pragma: no cover - validation module is part of the package
+        return None
+    return ConfigSchema.from_config(label_config)
+
+
+def _filter_valid(schema: Any, items: list[dict[str, Any]], data: Any, index: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    from serving.validation import filter_valid
+
+    return filter_valid(schema, items, data if isinstance(data, Mapping) else None, index)

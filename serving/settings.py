@@ -1,0 +1,112 @@
+"""Settings.from_env(): the only reader of os.environ in the project."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the server, with safe defaults; built once by from_env()."""
+
+    # Label Studio connection (names kept from Label Studio's own backends).
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    local_files_document_root: str = ""
+    # Where jobs, caches and user checkpoints live.
+    model_dir: str = "./model_dir"
+    # Basic auth on every route but /health (and /webhook, see README).
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    log_level: str = "INFO"
+    host: str = "127.0.0.1"
+    port: int = 9090
+    workers: int = 1
+    threads: int = 8
+    # Runtime.
+    device: str = ""  # "" = cuda when available, else cpu
+    fp16: bool = True
+    warmup: tuple[str, ...] = ()  # model keys to load at start, e.g. "ner:spacy"
+    max_batch_size: int = 0  # 0 = the backend's own policy
+    max_wait_ms: float = 5.0
+    queue_size: int = 1024
+    preprocess_threads: int = 8
+    model_version: str = ""  # deployment override
+    load_wait_s: float = 60.0  # how long /predict waits for a model still loading
+    predict_timeout_s: float = 95.0  # under Label Studio's own 100 s ML_TIMEOUT_PREDICT
+    webhook_secret: str = ""  # when set, /webhook requires ?secret=<value> (LS webhooks carry no auth)
+    # Engine defaults per family when a tag names none.
+    ner_engine: str = ""  # "" = transformers when its weights are present, else spacy
+    ocr_engine: str = "easyocr"
+    ocr_languages: tuple[str, ...] = ("en",)
+    ocr_shape: str = ""  # "polygon" to prefer polygons when a config has both
+    # Limits (safe defaults, all overridable).
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_tasks_per_request: int = 5000
+    max_download_bytes: int = 50 * 1024 * 1024
+    download_timeout_s: float = 15.0
+    max_image_pixels: int = 100_000_000
+    max_text_chars: int = 2_000_000
+    cache_max_bytes: int = 512 * 1024 * 1024
+    # URL fetching policy.
+    allowed_hosts: tuple[str, ...] = ()  # empty = any host except the blocked ones
+    allow_private_urls: bool = True  # LS itself usually lives on a private address
+    # Batch jobs: server-side inputs must live under this root.
+    batch_input_root: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        """Return MODEL_DIR as a Path."""
+        return Path(self.model_dir)
+
+    def with_(self, **changes: Any) -> Settings:
+        """Return a copy with some fields changed (tests and app factories)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment (Label Studio's variable names)."""
+        env = os.environ if env is None else env
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            key = f.name.upper()
+            if key not in env:
+                continue
+            raw = env[key]
+            default = f.default
+            if isinstance(default, bool):
+                kwargs[f.name] = _bool(raw)
+            elif isinstance(default, int):
+                kwargs[f.name] = int(raw)
+            elif isinstance(default, float):
+                kwargs[f.name] = float(raw)
+            elif isinstance(default, tuple):
+                kwargs[f.name] = _list(raw)
+            else:
+                kwargs[f.name] = raw
+        return cls(**kwargs)
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the settings as a dict with secrets masked, safe to log."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in {"label_studio_api_key", "basic_auth_pass"} and value:
+                value = "***"
+            out[f.name] = value
+        return out
