@@ -216,9 +216,7 @@ class Backend(ABC):
         return cls.default_model
 
     @classmethod
-    def claim(
-        cls, obj: ObjectTag, controls: Sequence[ControlTag], settings: Settings
-    ) -> list[Claim]:
+    def claim(cls, obj: ObjectTag, controls: Sequence[ControlTag], settings: Settings) -> list[Claim]:
         """Return the controls on one object this family fills (default: by control tag)."""
         if obj.tag not in cls.object_tags:
             return []

@@ -107,13 +107,19 @@ def create_app(
         message = exc.description or exc.name
         if status == 413:
             message = f"request body larger than {settings.max_request_bytes} bytes (MAX_REQUEST_BYTES)"
-        return jsonify({"status": status, "error": exc.name.lower().replace(" ", "_"), "message": message}), status
+        return jsonify(
+            {"status": status, "error": exc.name.lower().replace(" ", "_"), "message": message}
+        ), status
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
         incident = uuid.uuid4().hex[:8]
         log.exception("unexpected error %s on %s %s", incident, request.method, request.path)
-        body = {"status": 500, "error": "internal_error", "message": f"internal error {incident}; see the server log"}
+        body = {
+            "status": 500,
+            "error": "internal_error",
+            "message": f"internal error {incident}; see the server log",
+        }
         return jsonify(body), 500
 
     def _health() -> Response:
@@ -169,7 +175,9 @@ def create_app(
         if settings.webhook_secret and not hmac.compare_digest(
             request.args.get("secret", "").encode(), settings.webhook_secret.encode()
         ):
-            raise Unauthorized("webhook secret missing or wrong: add ?secret=<WEBHOOK_SECRET> to the webhook URL")
+            raise Unauthorized(
+                "webhook secret missing or wrong: add ?secret=<WEBHOOK_SECRET> to the webhook URL"
+            )
         body = _json_body()
         action = body.get("action")
         if not isinstance(action, str):

@@ -147,7 +147,9 @@ class Batcher:
                 self._run(batch[:half])
                 self._run(batch[half:])
                 return
-            log.warning("model %s failed on a batch of %d (%s): retrying one by one", self.name, len(batch), exc)
+            log.warning(
+                "model %s failed on a batch of %d (%s): retrying one by one", self.name, len(batch), exc
+            )
             for pair in batch:
                 self._run([pair])
             return

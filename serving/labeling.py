@@ -168,8 +168,10 @@ def build_plan(
         families=families,
     )
     if not plan.targets:
-        supported = sorted({f"{t} on {', '.join(cls.object_tags)}" for cls in families.values() for t in cls.control_tags})
-        found = ", ".join(f"<{c.tag} name=\"{c.name}\">" for c in controls) or "no control tags"
+        supported = sorted(
+            {f"{t} on {', '.join(cls.object_tags)}" for cls in families.values() for t in cls.control_tags}
+        )
+        found = ", ".join(f'<{c.tag} name="{c.name}">' for c in controls) or "no control tags"
         raise ConfigError(
             f"this server cannot fill any control tag of the labeling config (found {found}); "
             f"supported: {'; '.join(supported)}. Add one of those tags, or remove model_skip"
@@ -186,7 +188,7 @@ class Planner:
         self, settings: Settings, families: Mapping[str, type[Backend]] | None = None, size: int = 128
     ) -> None:
         self.settings = settings
-        self.families = families
+        self.families: dict[str, type[Backend]] = dict(default_registry() if families is None else families)
         self._cache: OrderedDict[str, Plan] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()

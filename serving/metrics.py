@@ -17,29 +17,42 @@ class Metrics:
             "lsml_requests_total", "HTTP requests", ["route", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "lsml_request_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS,
+            "lsml_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
-            "lsml_batch_size", "Items per forward call", ["backend"], buckets=BATCH_BUCKETS,
+            "lsml_batch_size",
+            "Items per forward call",
+            ["backend"],
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         self.forward_seconds = Histogram(
-            "lsml_forward_seconds", "Time in forward per batch", ["backend"], buckets=LATENCY_BUCKETS,
+            "lsml_forward_seconds",
+            "Time in forward per batch",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_depth = Gauge(
             "lsml_queue_depth", "Items waiting for a model", ["backend"], registry=self.registry
         )
         self.errors = Counter(
-            "lsml_errors_total", "Errors by route or backend and kind", ["where", "kind"],
+            "lsml_errors_total",
+            "Errors by route or backend and kind",
+            ["where", "kind"],
             registry=self.registry,
         )
         self.tasks = Counter(
             "lsml_tasks_total", "Tasks predicted, by outcome", ["outcome"], registry=self.registry
         )
         self.regions_dropped = Counter(
-            "lsml_regions_dropped_total", "Regions dropped by config validation", ["backend"],
+            "lsml_regions_dropped_total",
+            "Regions dropped by config validation",
+            ["backend"],
             registry=self.registry,
         )
 

@@ -43,15 +43,14 @@ def box_xyxy_px_to_pct(box_xyxy_px: Sequence[float], size: tuple[int, int]) -> d
     """Convert a pixel box (x0, y0, x1, y1) to LS percent x/y/width/height, clamped."""
     width_px, height_px = size
     x0, y0, x1, y1 = (float(v) for v in box_xyxy_px)
-    x0_pct = clamp_pct(x0 / width_px * 100.0)
-    y0_pct = clamp_pct(y0 / height_px * 100.0)
-    x1_pct = clamp_pct(x1 / width_px * 100.0)
-    y1_pct = clamp_pct(y1 / height_px * 100.0)
+    # clamp in pixels first, then divide once: keeps exact values exact (64/640 -> 10.0)
+    x0, x1 = (min(max(v, 0.0), width_px) for v in (x0, x1))
+    y0, y1 = (min(max(v, 0.0), height_px) for v in (y0, y1))
     return {
-        "x": x0_pct,
-        "y": y0_pct,
-        "width": max(0.0, x1_pct - x0_pct),
-        "height": max(0.0, y1_pct - y0_pct),
+        "x": clamp_pct(x0 / width_px * 100.0),
+        "y": clamp_pct(y0 / height_px * 100.0),
+        "width": clamp_pct(max(0.0, x1 - x0) / width_px * 100.0),
+        "height": clamp_pct(max(0.0, y1 - y0) / height_px * 100.0),
     }
 
 
@@ -64,9 +63,7 @@ def points_px_to_pct(points_px: Iterable[Sequence[float]], size: tuple[int, int]
     ]
 
 
-def rotated_rect_px_to_pct(
-    corners_px: Sequence[Sequence[float]], size: tuple[int, int]
-) -> dict[str, float]:
+def rotated_rect_px_to_pct(corners_px: Sequence[Sequence[float]], size: tuple[int, int]) -> dict[str, float]:
     """Convert a rotated quad (tl, tr, br, bl in pixels) to LS x/y/width/height/rotation.
 
     Label Studio rotates a rectangle clockwise (degrees) about its top-left corner (x, y).
@@ -141,7 +138,9 @@ def geometry_items(
         value[control.tag.lower()] = [label]
         items.append(_base_item(target, control.name, control.tag.lower(), value, region_id, score, size))
     else:
-        items.append(_base_item(target, control.name, control.tag.lower(), dict(geometry), region_id, score, size))
+        items.append(
+            _base_item(target, control.name, control.tag.lower(), dict(geometry), region_id, score, size)
+        )
         labels_control = target.linked.get("labels")
         if labels_control is not None and label is not None:
             value = dict(geometry)
@@ -251,14 +250,18 @@ def span_item(
 ) -> dict[str, Any]:
     """Build a text span item (character offsets into the task text)."""
     value = {"start": int(start), "end": int(end), "text": text, target.control.tag.lower(): [label]}
-    return _base_item(target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None)
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
 
 
 def choices_item(
     target: Target, choices: Sequence[str], score: float, size: tuple[int, int] | None = None
 ) -> dict[str, Any]:
     """Build a classification item."""
-    return _base_item(target, target.control.name, "choices", {"choices": list(choices)}, new_id(), score, None)
+    return _base_item(
+        target, target.control.name, "choices", {"choices": list(choices)}, new_id(), score, None
+    )
 
 
 def textarea_item(target: Target, texts: Sequence[str], score: float) -> dict[str, Any]:

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 class Resolver(Protocol):
     """What the runtime needs from serving/data.py."""
 
-    def load_image(self, value: str, task_id: int | None = None) -> Any: ...  # noqa: D102
+    def load_image(self, value: str, task_id: int | None = None) -> Any: ...
 
-    def load_text(self, value: str, task_id: int | None = None) -> str: ...  # noqa: D102
+    def load_text(self, value: str, task_id: int | None = None) -> str: ...
 
 
 @dataclass
@@ -155,7 +155,9 @@ class Runtime:
                 self._slots[spec.key] = slot
             if start and slot.state == "idle":
                 slot.state = "loading"
-                threading.Thread(target=self._load, args=(slot,), name=f"load-{spec.key}", daemon=True).start()
+                threading.Thread(
+                    target=self._load, args=(slot,), name=f"load-{spec.key}", daemon=True
+                ).start()
         return slot
 
     def _load(self, slot: ModelSlot) -> None:
@@ -198,7 +200,9 @@ class Runtime:
             family, _, rest = key.partition(":")
             name, _, path = rest.partition("@")
             if family not in self.families:
-                log.warning("warm-up: unknown family %r in %r (known: %s)", family, key, ", ".join(self.families))
+                log.warning(
+                    "warm-up: unknown family %r in %r (known: %s)", family, key, ", ".join(self.families)
+                )
                 continue
             cls = self.families[family]
             self.slot(ModelSpec(family, name or cls.default_model_for(self.settings), path))
@@ -261,7 +265,9 @@ class Runtime:
         kind = type(backend).input_kind
         if kind == "image":
             if not isinstance(value, str):
-                raise InputError(f"data['{obj.value_key}'] must be an image URL or path, got {type(value).__name__}")
+                raise InputError(
+                    f"data['{obj.value_key}'] must be an image URL or path, got {type(value).__name__}"
+                )
             item.image = self.resolver.load_image(value, task_id)
         elif kind == "text":
             if not isinstance(value, str):
@@ -304,7 +310,9 @@ class Runtime:
         for start in range(0, n, window):
             for i in range(start, min(n, start + window)):
                 for slot, obj, targets in groups:
-                    fut = self._pool.submit(self._prepare, tasks[i], obj, slot.backend, context if interactive else None)
+                    fut = self._pool.submit(
+                        self._prepare, tasks[i], obj, slot.backend, context if interactive else None
+                    )
                     pending_prep.append((i, slot, targets, fut))
             self._drain(pending_prep, results, reasons, interactive, context, deadline)
             pending_prep = []
@@ -421,7 +429,9 @@ def _schema(label_config: str) -> Any:
     return ConfigSchema.from_config(label_config)
 
 
-def _filter_valid(schema: Any, items: list[dict[str, Any]], data: Any, index: int) -> tuple[list[dict[str, Any]], list[Any]]:
+def _filter_valid(
+    schema: Any, items: list[dict[str, Any]], data: Any, index: int
+) -> tuple[list[dict[str, Any]], list[Any]]:
     from serving.validation import filter_valid
 
     return filter_valid(schema, items, data if isinstance(data, Mapping) else None, index)

@@ -10,7 +10,9 @@ import pytest
 from tests.support.app import fake_app, fixture_request
 from tests.support.fakes import FakeNER, reset_fakes
 
-ALL_FIXTURES = sorted(p.stem for p in (Path(__file__).parent.parent / "fixtures" / "ls_requests").glob("*.json"))
+ALL_FIXTURES = sorted(
+    p.stem for p in (Path(__file__).parent.parent / "fixtures" / "ls_requests").glob("*.json")
+)
 
 
 @pytest.fixture(autouse=True)
@@ -74,9 +76,17 @@ def test_single_task_prediction_has_mapped_spans_scores_and_version(client) -> N
     body = replay(client, "predict_single_open_task").json
     assert len(body["results"]) == 1
     prediction = body["results"][0]
-    spans = [(r["value"]["start"], r["value"]["end"], r["value"]["text"], r["value"]["labels"]) for r in prediction["result"]]
+    spans = [
+        (r["value"]["start"], r["value"]["end"], r["value"]["text"], r["value"]["labels"])
+        for r in prediction["result"]
+    ]
     # PERSON (the fake model's label) maps to the config's PER through the alias table; ORG stays ORG
-    assert spans == [(0, 5, "Alice", ["PER"]), (15, 19, "Acme", ["PER"]), (20, 24, "Corp", ["ORG"]), (28, 33, "Paris", ["PER"])]
+    assert spans == [
+        (0, 5, "Alice", ["PER"]),
+        (15, 19, "Acme", ["PER"]),
+        (20, 24, "Corp", ["ORG"]),
+        (28, 33, "Paris", ["PER"]),
+    ]
     assert prediction["score"] == pytest.approx((0.9 * 3 + 0.6) / 4)
     assert isinstance(prediction["model_version"], str) and prediction["model_version"]
     assert all(isinstance(r["score"], float) for r in prediction["result"])
@@ -94,7 +104,14 @@ def test_batch_prediction_one_result_per_task_in_order_with_failures_kept(client
     assert [len(r["result"]) for r in results] == [1, 0, 0]
     assert [r["score"] for r in results] == [0.8, 0.0, 0.0]
     car = results[0]["result"][0]
-    assert car["value"] == {"x": 10.0, "y": 20.0, "width": 40.0, "height": 40.0, "rotation": 0, "rectanglelabels": ["Car"]}
+    assert car["value"] == {
+        "x": 10.0,
+        "y": 20.0,
+        "width": 40.0,
+        "height": 40.0,
+        "rotation": 0,
+        "rectanglelabels": ["Car"],
+    }
     assert (car["original_width"], car["original_height"]) == (640, 480)
 
 
@@ -126,7 +143,13 @@ def test_basic_auth_protects_every_route_but_health(tmp_path: Path) -> None:
     assert replay(client, "predict_basic_auth").status_code == 200
     assert replay(client, "versions").status_code == 200
     assert client.get("/health").status_code == 200
-    for method, path in [("post", "/predict"), ("post", "/setup"), ("get", "/versions"), ("get", "/metrics"), ("get", "/")]:
+    for method, path in [
+        ("post", "/predict"),
+        ("post", "/setup"),
+        ("get", "/versions"),
+        ("get", "/metrics"),
+        ("get", "/"),
+    ]:
         response = getattr(client, method)(path, json={}, headers={"Authorization": "Basic bWx1c2VyOndyb25n"})
         assert response.status_code == 401, path
         assert "mlpass" not in response.get_data(as_text=True)
@@ -159,9 +182,16 @@ def test_setup_reports_a_model_that_failed_to_load(client) -> None:
     FakeNER.load_error = "bad weights file /w/model.pt"
     replay(client, "setup_with_extra_params")
     deadline = time.time() + 5
-    while client.get("/health").json["backends"].get("fake_ner:fake-ner-1") == "loading" and time.time() < deadline:
+    while (
+        client.get("/health").json["backends"].get("fake_ner:fake-ner-1") == "loading"
+        and time.time() < deadline
+    ):
         time.sleep(0.02)
-    assert client.get("/health").json["backends"]["fake_ner:fake-ner-1"].startswith("unavailable: load failed: bad weights")
+    assert (
+        client.get("/health")
+        .json["backends"]["fake_ner:fake-ner-1"]
+        .startswith("unavailable: load failed: bad weights")
+    )
     response = replay(client, "setup_with_extra_params")
     assert response.status_code == 422
     assert "bad weights file" in response.json["message"]
@@ -188,7 +218,9 @@ def test_malformed_predict_requests_get_clear_4xx(client, data: bytes, status: i
 def test_predict_falls_back_to_the_config_sent_to_setup(client) -> None:
     replay(client, "setup_with_extra_params")
     body = fixture_request("setup_with_extra_params")["body"]
-    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Eve came"}}], "project": body["project"]})
+    response = client.post(
+        "/predict", json={"tasks": [{"id": 1, "data": {"text": "Eve came"}}], "project": body["project"]}
+    )
     assert response.status_code == 200
     assert response.json["results"][0]["result"][0]["value"]["text"] == "Eve"
 

