@@ -160,7 +160,48 @@ class FakeDetector(Backend):
         return out
 
 
-FAMILIES: Mapping[str, type[Backend]] = {"fake_detection": FakeDetector, "fake_ner": FakeNER}
+class FakeBrush(Backend):
+    """Returns `regions` small square masks per image (a brush-heavy config), all labelled 'blob'."""
+
+    family = "fake_brush"
+    control_tags = ("BrushLabels",)
+    object_tags = ("Image",)
+    input_kind = "image"
+    default_model = "fake-brush"
+    regions: ClassVar[int] = 1000
+
+    def load(self, device: str) -> None:
+        """Nothing to load."""
+
+    def preprocess(self, item: Item) -> tuple[int, int]:
+        """Return the image size."""
+        return item.size
+
+    def forward(self, batch: list[Any]) -> list[Any]:
+        """Return the sizes back (masks are built in postprocess, on the CPU)."""
+        return batch
+
+    def postprocess(self, output: Any, target: Target, item: Item) -> list[dict[str, Any]]:
+        """Emit one 4x4 mask per region, tiled over the image."""
+        import numpy as np
+
+        w, h = output
+        label = target.label_map("blob")
+        out: list[dict[str, Any]] = []
+        per_row = max(1, w // 4)
+        for k in range(self.regions):
+            mask = np.zeros((h, w), dtype=np.uint8)
+            y, x = divmod(k, per_row)
+            mask[(y * 4) % h : (y * 4) % h + 4, x * 4 : x * 4 + 4] = 255
+            out.extend(regions.brush_items(target, mask, 0.5, label))
+        return out
+
+
+FAMILIES: Mapping[str, type[Backend]] = {
+    "fake_detection": FakeDetector,
+    "fake_ner": FakeNER,
+    "fake_brush": FakeBrush,
+}
 
 
 def reset_fakes() -> None:
