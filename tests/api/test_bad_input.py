@@ -93,6 +93,9 @@ def server():
             "/slow.png": slow(5.0),
             "/latin1.txt": static("Zoë met Renée in Málaga".encode("latin-1"), "text/plain"),
             "/big.bin": static(b"\0" * (3 * 1024 * 1024), "image/png"),
+            "/data/upload/1/ok.png": static(image_bytes(), "image/png"),
+            "/data/upload/1/e500.png": static(b"server error", "text/plain", 500),
+            "/data/upload/1/e401.png": static(b'{"detail": "bad token"}', "application/json", 401),
         }
     )
     yield srv
@@ -237,6 +240,9 @@ CASES: list[tuple[str, Callable[[str], Any], int, Check | None]] = [
         regions(size=(64, 48)),
     ),
     ("data uri garbage", lambda u: image_task("data:image/png;base64,!!!!"), 200, empty),
+    ("LS upload ok", lambda u: image_task("/data/upload/1/ok.png"), 200, regions(size=(64, 48))),
+    ("LS answers 500 (retried, then empty)", lambda u: image_task("/data/upload/1/e500.png"), 200, empty),
+    ("LS answers 401", lambda u: image_task("/data/upload/1/e401.png"), 200, empty),
     ("empty text", lambda u: text_task(""), 200, empty),
     ("text of 10 MB", lambda u: text_task("Bob " * 2_500_000), 200, empty),
     ("text is a list", lambda u: text_task(["Bob"]), 200, empty),
@@ -288,6 +294,24 @@ def test_brush_heavy_config_with_1000_regions(client, server) -> None:
         r["value"]["format"] == "rle" and r["value"]["brushlabels"] == ["Blob"] for r in prediction["result"]
     )
     assert elapsed < 30
+
+
+def test_label_studio_unreachable_gives_empty_results_quickly(tmp_path: Path) -> None:
+    settings = Settings(model_dir=str(tmp_path), label_studio_url="http://127.0.0.1:9", download_timeout_s=1.0)
+    client = create_app(settings, runtime=Runtime(settings, families=FAMILIES)).test_client()
+    started = time.perf_counter()
+    response = client.post("/predict", json=image_task("/data/upload/1/a.png"))
+    assert response.status_code == 200
+    empty(response.json)
+    assert time.perf_counter() - started < 5
+
+
+def test_label_studio_500_is_retried_with_backoff(client, server) -> None:
+    before = sum(1 for path, _ in server.hits if path.startswith("/data/upload/1/e500.png"))
+    client.post("/predict", json=image_task("/data/upload/1/e500.png?again"))
+    after = sum(1 for path, _ in server.hits if path.startswith("/data/upload/1/e500.png"))
+    # retried with backoff while the 0.5 s download deadline allows (0.2 s, then 0.5 s would overrun it)
+    assert after - before == 2
 
 
 def test_request_body_over_the_limit_is_413(tmp_path: Path) -> None:
