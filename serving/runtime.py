@@ -115,11 +115,14 @@ class Runtime:
     def resolver(self) -> Resolver:
         """Return the data resolver (built on first use so start-up stays fast)."""
         if self._resolver is None:
-            from serving.data import DataResolver
-            from serving.lsclient import LabelStudioClient
+            # under the lock: concurrent first calls must share one client (one token exchange)
+            with self._lock:
+                if self._resolver is None:
+                    from serving.data import DataResolver
+                    from serving.lsclient import LabelStudioClient
 
-            self.client = LabelStudioClient(self.settings)
-            self._resolver = DataResolver(self.settings, self.client)
+                    self.client = LabelStudioClient(self.settings)
+                    self._resolver = DataResolver(self.settings, self.client)
         return self._resolver
 
     @property
