@@ -214,7 +214,13 @@ def create_app(
     except ImportError:  # pragma: no cover - jobs are part of the package
         log.warning("batch jobs unavailable: serving.jobs missing")
     else:
-        manager = JobManager(settings, runtime.predict)
+        if settings.batch_input_root:
+            # jobs over a server-side image folder reference files as file:// URIs under that root
+            from serving.jobs import LocalFileResolver
+
+            inner = runtime.resolver
+            runtime.set_resolver(LocalFileResolver([settings.batch_input_root], lambda: inner, settings))
+        manager = JobManager(settings, runtime.predict, chunk_size=settings.job_chunk_size)
         app.extensions["lsml_jobs"] = manager
         register_job_routes(app, manager)
 

@@ -247,6 +247,9 @@ def spec() -> dict[str, Any]:
                     },
                 }
             },
+            "/jobs": {
+                "get": {"summary": "List jobs", "responses": _responses(_json_ok({"type": "object"}), 401)}
+            },
             "/jobs/{job_id}": {
                 "get": {
                     "summary": "Job progress",

@@ -125,6 +125,11 @@ class Runtime:
                     self._resolver = DataResolver(self.settings, self.client)
         return self._resolver
 
+    def set_resolver(self, resolver: Resolver) -> None:
+        """Replace the data resolver (e.g. to add file:// access under BATCH_INPUT_ROOT)."""
+        with self._lock:
+            self._resolver = resolver
+
     @property
     def device(self) -> str:
         """Return the device models run on (decided on first load, in a background thread)."""
@@ -284,11 +289,13 @@ class Runtime:
         tasks: Sequence[Any],
         context: Mapping[str, Any] | None = None,
         failures: list[TaskFailure] | None = None,
+        timeout_s: float | None = None,
     ) -> list[dict[str, Any]]:
         """Return exactly one prediction per task, in task order; failed tasks get an empty result."""
         plan = self.plan(label_config)
         version = self.model_version(plan)
-        deadline = time.monotonic() + self.settings.predict_timeout_s
+        timeout = self.settings.predict_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
         n = len(tasks)
         results: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         reasons: dict[int, str] = {}
@@ -390,7 +397,7 @@ class Runtime:
         except TimeoutError:
             for i, *_ in pending:
                 if not results[i]:
-                    reasons.setdefault(i, f"prediction took longer than {self.settings.predict_timeout_s} s")
+                    reasons.setdefault(i, "prediction did not finish before its deadline (PREDICT_TIMEOUT_S)")
 
     def _interactive(
         self, slot: ModelSlot, item: Item, targets: list[Target], context: Mapping[str, Any], x: Any

@@ -65,6 +65,7 @@ class Settings:
     allow_private_urls: bool = True  # LS itself usually lives on a private address
     # Batch jobs: server-side inputs must live under this root.
     batch_input_root: str = ""
+    job_chunk_size: int = 32  # tasks per committed chunk of a batch job
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property

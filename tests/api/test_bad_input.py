@@ -297,7 +297,9 @@ def test_brush_heavy_config_with_1000_regions(client, server) -> None:
 
 
 def test_label_studio_unreachable_gives_empty_results_quickly(tmp_path: Path) -> None:
-    settings = Settings(model_dir=str(tmp_path), label_studio_url="http://127.0.0.1:9", download_timeout_s=1.0)
+    settings = Settings(
+        model_dir=str(tmp_path), label_studio_url="http://127.0.0.1:9", download_timeout_s=1.0
+    )
     client = create_app(settings, runtime=Runtime(settings, families=FAMILIES)).test_client()
     started = time.perf_counter()
     response = client.post("/predict", json=image_task("/data/upload/1/a.png"))

@@ -37,11 +37,21 @@ def test_orientation_6_is_transposed_and_percentages_follow_the_shown_image(tmp_
     r, _, b = image.getpixel((16, 56))
     assert b > 200 and r < 60
     target = Target(
-        ControlTag("box", "RectangleLabels", "img", ("Car",)), ObjectTag("img", "Image", "image"), ModelSpec("f", "m"), LabelMap(["Car"])
+        ControlTag("box", "RectangleLabels", "img", ("Car",)),
+        ObjectTag("img", "Image", "image"),
+        ModelSpec("f", "m"),
+        LabelMap(["Car"]),
     )
     (item,) = regions.rectangle_items(target, (8, 16, 24, 48), image.size, 0.9, "Car")
     assert (item["original_width"], item["original_height"]) == (32, 64)
-    assert item["value"] == {"x": 25.0, "y": 25.0, "width": 50.0, "height": 50.0, "rotation": 0, "rectanglelabels": ["Car"]}
+    assert item["value"] == {
+        "x": 25.0,
+        "y": 25.0,
+        "width": 50.0,
+        "height": 50.0,
+        "rotation": 0,
+        "rectanglelabels": ["Car"],
+    }
 
 
 def test_orientation_3_keeps_size_and_turns_the_image_upside_down(tmp_path) -> None:

