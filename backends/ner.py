@@ -216,6 +216,26 @@ class NerBackend(Backend):
         return HF_DEFAULT if _hf_weights_file(HF_DEFAULT, model_dir) else SPACY_DEFAULT
 
     @classmethod
+    def weights_status(cls, settings: Any) -> list[Any]:
+        """Return where the default transformers checkpoint lives and whether it is present."""
+        from backends._torchvision import WeightStatus
+
+        found = _hf_weights_file(HF_DEFAULT, getattr(settings, "model_dir", ""))
+        return [WeightStatus(HF_DEFAULT, found or "(Hugging Face cache)", found is not None, HF_DEFAULT)]
+
+    @classmethod
+    def download_weights(cls, models: Sequence[str], settings: Any) -> list[str]:
+        """Fetch transformers checkpoints into the Hugging Face cache (where internet exists)."""
+        from huggingface_hub import snapshot_download
+
+        written = []
+        for name in [m for m in models if "/" in m] or [HF_DEFAULT]:
+            written.append(
+                snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+            )
+        return written
+
+    @classmethod
     def availability(cls, spec: ModelSpec, settings: Any) -> str | None:
         """Return None when the model can load, else what is missing and how to get it."""
         engine, source = engine_of(spec.name, spec.path)

@@ -132,6 +132,7 @@ def build_plan(
     skipped = tuple(f"{c.name} ({c.tag})" for c in controls if _is_true(c.attr("model_skip")))
     remaining = [c for c in controls if not _is_true(c.attr("model_skip"))]
     targets: list[Target] = []
+    linked_names: set[str] = set()
 
     for obj in objects.values():
         for family, cls in families.items():
@@ -139,7 +140,11 @@ def build_plan(
             if not on_obj:
                 break
             for claim in cls.claim(obj, on_obj, settings):
-                consumed = {claim.control.name} | {c.name for c in claim.linked.values()}
+                # a linked Labels tag may serve several geometry tags (Rectangle, Polygon, KeyPoint on
+                # one image), so it stays available; other linked roles belong to this claim alone
+                shared = {c.name for role, c in claim.linked.items() if role == "labels"}
+                consumed = {claim.control.name} | {c.name for c in claim.linked.values()} - shared
+                linked_names |= shared
                 remaining = [c for c in remaining if c.name not in consumed]
                 labels_source = claim.control
                 if not claim.control.labels and "labels" in claim.linked:
@@ -158,7 +163,7 @@ def build_plan(
                         hidden=_is_true(claim.control.attr("model_hidden")),
                     )
                 )
-    unfilled = tuple(f"{c.name} ({c.tag})" for c in remaining)
+    unfilled = tuple(f"{c.name} ({c.tag})" for c in remaining if c.name not in linked_names)
     plan = Plan(
         config_hash=config_hash(label_config),
         targets=tuple(targets),

@@ -1,0 +1,177 @@
+"""End-to-end /predict throughput of a vision model against the raw model at its best batch size.
+
+Run (GPU box): `python -m bench.bench_vision --model fasterrcnn_resnet50_fpn_v2 --images 256`.
+Both numbers come from one run on one machine: the raw model (preprocessed tensors, forward only,
+fp16 autocast on CUDA like the runtime) at each batch size, then one 256-task POST /predict through
+the app (data: URI JPEGs: decode, preprocess pool, micro-batcher, post-processing, validation).
+`--random-weights` fills a temporary TORCH_HOME with random weights (no download needed; random
+weights find fewer objects, so post-processing is lighter than with real ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench_vision")
+
+CONFIGS = {
+    "detection": '<RectangleLabels name="r" toName="image" model_name="{model}"><Label value="Person"/><Label value="Car"/></RectangleLabels>',
+    "instance_segmentation": '<BrushLabels name="b" toName="image" model_name="{model}"><Label value="Person"/><Label value="Car"/></BrushLabels>',
+    "semantic_segmentation": '<BrushLabels name="b" toName="image" model_name="{model}"><Label value="Person"/></BrushLabels>',
+    "keypoints": '<KeyPointLabels name="k" toName="image" model_name="{model}"><Label value="nose"/><Label value="left_eye"/></KeyPointLabels>',
+    "image_classification": '<Choices name="c" toName="image" model_name="{model}"><Choice value="Dog"/><Choice value="Cat"/></Choices>',
+}
+
+
+def make_jpegs(count: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
+    """Return `count` JPEG images with a few coloured shapes each."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 255, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x0, y0 = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+            x1, y1 = x0 + rng.integers(20, size[0] // 2), y0 + rng.integers(20, size[1] // 2)
+            draw.ellipse(
+                (int(x0), int(y0), int(x1), int(y1)), fill=tuple(int(v) for v in rng.integers(0, 255, 3))
+            )
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def family_of(model: str) -> type[Any]:
+    """Return the Backend class serving a model name."""
+    from backends import registry
+
+    for cls in registry().values():
+        if model in cls.model_names():
+            return cls
+    raise SystemExit(f"no family serves {model!r}")
+
+
+def fill_random_weights(model: str, torch_home: Path) -> None:
+    """Save random weights for `model` where torchvision's enum expects them."""
+    import inspect
+
+    import torch
+    import torchvision.models as tvm
+
+    from backends import _torchvision as tv
+
+    weights = tvm.get_model_weights(model)[tv.model_info(model).member]
+    kwargs: dict[str, Any] = {"num_classes": len(weights.meta["categories"])}
+    if "weights_backbone" in inspect.signature(tvm.get_model_builder(model)).parameters:
+        kwargs["weights_backbone"] = None
+    if model.startswith(("deeplab", "fcn")):
+        kwargs["aux_loss"] = True
+    net = tvm.get_model(model, weights=None, **kwargs)
+    path = torch_home / "hub" / "checkpoints" / tv.model_info(model).file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+
+
+def raw_throughput(
+    cls: type[Any], model: str, jpegs: list[bytes], batch_sizes: list[int], device: str
+) -> dict[int, float]:
+    """Return images/s of forward() alone per batch size (inputs preprocessed beforehand)."""
+    import torch
+    from PIL import Image
+
+    from backends.base import Item, ModelSpec, ObjectTag
+    from serving.settings import Settings
+
+    backend = cls(ModelSpec(cls.family, model), Settings())
+    backend.load(device)
+    obj = ObjectTag("image", "Image", "image")
+    items = [Item(task={}, obj=obj, image=Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs]
+    inputs = [backend.preprocess(it) for it in items]
+    fp16 = device.startswith("cuda") and cls.fp16
+    results = {}
+    for bs in batch_sizes:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+            backend.forward(inputs[:bs])  # warm-up (cudnn autotune, allocator)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(0, len(inputs), bs):
+                backend.forward(inputs[i : i + bs])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        results[bs] = len(inputs) / (time.perf_counter() - start)
+        log.info("raw forward  batch %-3d %8.1f images/s", bs, results[bs])
+    return results
+
+
+def app_throughput(model: str, family: str, jpegs: list[bytes], max_batch: int) -> tuple[float, int]:
+    """Return (images/s of one POST /predict with all images, regions returned)."""
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    settings = Settings(model_dir=tempfile.mkdtemp(), max_batch_size=max_batch, warmup=(f"{family}:{model}",))
+    app = create_app(settings)
+    config = f'<View><Image name="image" value="$image"/>{CONFIGS[family].format(model=model)}</View>'
+    tasks = [
+        {"id": i + 1, "data": {"image": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
+        for i, b in enumerate(jpegs)
+    ]
+    client = app.test_client()
+    assert client.post("/setup", json={"project": "1.1", "schema": config}).status_code == 200
+    client.post("/predict", json={"tasks": tasks[:8], "label_config": config})  # load + warm-up
+    start = time.perf_counter()
+    resp = client.post("/predict", json={"tasks": tasks, "label_config": config})
+    elapsed = time.perf_counter() - start
+    body = resp.get_json()
+    assert resp.status_code == 200 and len(body["results"]) == len(tasks), body
+    regions = sum(len(r["result"]) for r in body["results"])
+    return len(tasks) / elapsed, regions
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print both throughputs and their ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="fasterrcnn_resnet50_fpn_v2")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--size", default="640x480", help="WxH of the generated JPEGs")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--device", default="", help="default: cuda when available")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if args.random_weights:
+        home = Path(tempfile.mkdtemp())
+        os.environ["TORCH_HOME"] = str(home)  # the benchmark is a program of its own, like the CLI
+        fill_random_weights(args.model, home)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    width, height = (int(v) for v in args.size.split("x"))
+    cls = family_of(args.model)
+    jpegs = make_jpegs(args.images, (width, height))
+    log.info("%s (%s) on %s: %d images of %dx%d", args.model, cls.family, device, len(jpegs), width, height)
+    raw = raw_throughput(cls, args.model, jpegs, [int(b) for b in args.batch_sizes.split(",")], device)
+    best_bs = max(raw, key=lambda bs: raw[bs])
+    e2e, regions = app_throughput(args.model, cls.family, jpegs, best_bs)
+    log.info("raw model, best batch %d: %.1f images/s", best_bs, raw[best_bs])
+    log.info("end-to-end POST /predict (%d tasks, %d regions): %.1f images/s", len(jpegs), regions, e2e)
+    log.info("end-to-end / raw = %.2f", e2e / raw[best_bs])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Fetch and list model weights: `python -m serving.weights download|list [--family F] [--model M]`.
+
+Serving never downloads: this command fills the caches the backends read (torchvision weights go
+to `$TORCH_HOME/hub/checkpoints`), where internet exists (the Dockerfile and `make weights` run it).
+Any family can take part by giving its Backend class two classmethods:
+`weights_status(settings) -> list[WeightStatus-like]` (model, path, present) and
+`download_weights(models, settings) -> list[str]` (paths written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+
+from backends import registry
+from backends.base import Backend
+from serving.settings import Settings
+
+log = logging.getLogger("serving.weights")
+
+
+def families_with_weights(
+    families: Mapping[str, type[Backend]], wanted: Sequence[str] = ()
+) -> dict[str, type[Backend]]:
+    """Return the families (optionally only the wanted ones) that can list and download weights."""
+    unknown = [f for f in wanted if f not in families]
+    if unknown:
+        raise SystemExit(f"unknown family: {', '.join(unknown)} (known: {', '.join(families)})")
+    return {
+        name: cls
+        for name, cls in families.items()
+        if (not wanted or name in wanted)
+        and hasattr(cls, "weights_status")
+        and hasattr(cls, "download_weights")
+    }
+
+
+def list_weights(settings: Settings, families: Mapping[str, type[Backend]]) -> int:
+    """Log every weights file the families use and whether it is present; return how many are missing."""
+    missing = 0
+    for family, cls in families.items():
+        for status in cls.weights_status(settings):  # type: ignore[attr-defined]
+            missing += not status.present
+            log.info(
+                "%-22s %-34s %-8s %s",
+                family,
+                status.model,
+                "present" if status.present else "MISSING",
+                status.path,
+            )
+    return missing
+
+
+def download(settings: Settings, families: Mapping[str, type[Backend]], models: Sequence[str] = ()) -> int:
+    """Download the weights of the families' models (or only `models`); return the number of failures."""
+    failures = 0
+    unclaimed = set(models)
+    for family, cls in families.items():
+        names = [m for m in models if cls.accepts_model(m)] if models else []
+        if models and not names:
+            continue
+        unclaimed -= set(names)
+        try:
+            for path in cls.download_weights(names, settings):  # type: ignore[attr-defined]
+                log.info("%-22s ready: %s", family, path)
+        except Exception as exc:  # one family's failure (no internet, bad hash) must not hide the others
+            failures += 1
+            log.error("%s: download failed: %s", family, exc)
+    for name in sorted(unclaimed):
+        failures += 1
+        log.error("no family serves a model named %r", name)
+    return failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line."""
+    parser = argparse.ArgumentParser(prog="python -m serving.weights", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("download", "list"))
+    parser.add_argument("--family", action="append", default=[], help="only this family (repeatable)")
+    parser.add_argument("--model", action="append", default=[], help="only this model_name (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    settings = Settings.from_env()
+    families = families_with_weights(registry(), args.family)
+    if args.command == "list":
+        missing = list_weights(settings, families)
+        if missing:
+            log.info(
+                "%d missing: run `python -m serving.weights download` where internet is available", missing
+            )
+        return 0
+    return 1 if download(settings, families, args.model) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

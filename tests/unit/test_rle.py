@@ -1,0 +1,119 @@
+"""Brush RLE: our vectorised encoder is byte-identical to label_studio_sdk's mask2rle and round-trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from label_studio_sdk.converter.brush import base_rle_encode, encode_rle, mask2rle
+
+from serving.rle import crop_to_rle, encode_runs, mask_to_rle, rle_to_mask
+
+
+@st.composite
+def masks(draw: st.DrawFn) -> np.ndarray:
+    """Draw a 2-D uint8 mask from run patterns: few long runs, pixel noise, or a few values."""
+    height = draw(st.integers(1, 48))
+    width = draw(st.integers(1, 48))
+    n = height * width
+    pattern = draw(st.sampled_from(["runs", "noise", "binary", "constant"]))
+    if pattern == "constant":
+        return np.full((height, width), draw(st.integers(0, 255)), dtype=np.uint8)
+    if pattern == "noise":
+        seed = draw(st.integers(0, 2**32 - 1))
+        return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+    palette = [0, 255] if pattern == "binary" else draw(st.lists(st.integers(0, 255), min_size=1, max_size=4))
+    runs = draw(
+        st.lists(st.tuples(st.integers(1, max(1, n // 2)), st.sampled_from(palette)), min_size=1, max_size=24)
+    )
+    flat = np.concatenate([np.full(length, value, dtype=np.uint8) for length, value in runs])
+    # Repeat the pattern to fill the mask (runs then also cross row ends), then cut to size.
+    flat = np.tile(flat, n // flat.size + 1)[:n]
+    return flat.reshape(height, width)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(masks())
+def test_byte_identical_to_sdk_and_round_trips(mask: np.ndarray) -> None:
+    """Any uint8 mask encodes exactly as the SDK does, and the SDK decoder gives the mask back."""
+    rle = mask_to_rle(mask)
+    assert rle == mask2rle(mask)
+    assert all(isinstance(b, int) and 0 <= b <= 255 for b in rle)
+    np.testing.assert_array_equal(rle_to_mask(rle, *mask.shape), mask)
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [(7, 1)],
+        [(1, 1), (2, 2), (3, 9), (4, 17), (5, 256), (6, 257)],
+        [(5, 65536)],
+        [(5, 65537)],  # a long run whose last 16-bit piece has length 1: still flagged as a series
+        [(1, 131072), (0, 131073), (9, 3)],
+    ],
+)
+def test_encode_runs_matches_sdk_encode_rle_on_raw_runs(runs: list[tuple[int, int]]) -> None:
+    """Run lengths around every field-width boundary (8, 16, 256, 65536) encode as the SDK does."""
+    arr = np.concatenate([np.full(length, value, dtype=np.uint8) for value, length in runs])
+    lengths, _, values = base_rle_encode(arr)
+    assert encode_runs(values, lengths, arr.size) == encode_rle(arr)
+
+
+def test_full_hd_mask_with_long_runs_is_identical() -> None:
+    """A 1920x1080 mask (runs far longer than 65536 RGBA values) encodes exactly as the SDK does."""
+    mask = np.zeros((1080, 1920), dtype=np.uint8)
+    mask[300:700, 400:1500] = 255
+    mask[900:, :] = 128
+    rle = mask_to_rle(mask)
+    assert rle == mask2rle(mask)
+    np.testing.assert_array_equal(rle_to_mask(rle, 1080, 1920), mask)
+
+
+def test_bool_and_integer_masks() -> None:
+    """A bool mask encodes as 0/255; an int mask with values in 0..255 like the uint8 one."""
+    mask = np.zeros((5, 7), dtype=bool)
+    mask[1:3, 2:6] = True
+    as_u8 = mask.astype(np.uint8) * 255
+    assert mask_to_rle(mask) == mask2rle(as_u8)
+    assert mask_to_rle(as_u8.astype(np.int64)) == mask2rle(as_u8)
+    # A non-contiguous view encodes its logical (row-major) content.
+    big = np.arange(60, dtype=np.uint8).reshape(6, 10)
+    view = big[::2, ::3]
+    assert mask_to_rle(view) == mask2rle(np.ascontiguousarray(view))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((2, 2, 3), np.uint8), np.zeros(4, np.uint8), np.full((2, 2), 256, np.int64), np.zeros((2, 2))],
+)
+def test_rejects_what_label_studio_cannot_show(bad: np.ndarray) -> None:
+    """3-D, 1-D, out-of-range and float masks are refused with a clear error."""
+    with pytest.raises(ValueError):
+        mask_to_rle(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.data(),
+)
+def test_crop_encoding_equals_the_full_mask(width: int, height: int, data: st.DataObject) -> None:
+    """A crop placed anywhere (touching borders too) encodes exactly like the full mask it implies."""
+    h = data.draw(st.integers(1, height))
+    w = data.draw(st.integers(1, width))
+    y0 = data.draw(st.integers(0, height - h))
+    x0 = data.draw(st.integers(0, width - w))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    crop = np.random.default_rng(seed).choice(np.array([0, 0, 255, 7], dtype=np.uint8), size=(h, w))
+    full = np.zeros((height, width), dtype=np.uint8)
+    full[y0 : y0 + h, x0 : x0 + w] = crop
+    assert crop_to_rle(crop, (x0, y0), (width, height)) == mask_to_rle(full)
+    assert crop_to_rle(crop > 0, (x0, y0), (width, height)) == mask_to_rle((full > 0).astype(np.uint8) * 255)
+
+
+def test_crop_outside_the_image_is_refused() -> None:
+    """A crop that does not fit its image is an error, not a silently wrong mask."""
+    with pytest.raises(ValueError):
+        crop_to_rle(np.ones((3, 3), np.uint8), (8, 0), (10, 10))
