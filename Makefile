@@ -9,7 +9,7 @@ PORT ?= 9090
 WARMUP ?= ner,ocr
 APT_PACKAGES := tesseract-ocr tesseract-ocr-eng libtesseract-dev libleptonica-dev pkg-config
 
-.PHONY: run test test-fast lint typecheck dockerlint setup apt weights bench bench-cpu e2e clean
+.PHONY: run test test-fast lint typecheck dockerlint setup apt weights bench bench-cpu e2e-setup clean
 
 setup: $(VENV)/.installed
 
@@ -44,7 +44,11 @@ dockerlint: setup
 	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
-test: setup lint typecheck dockerlint
+# Label Studio 1.23.2 in its own venv (.cache/ls-venv, reused) and Debian's chromium, for tests/e2e.
+e2e-setup:
+	bash scripts/setup_e2e.sh
+
+test: setup lint typecheck dockerlint e2e-setup
 	$(VENV)/bin/pytest
 
 test-fast: setup

@@ -90,16 +90,20 @@ def create_app(
         return response
 
     @app.errorhandler(ServingError)
-    def _serving_error(exc: ServingError) -> tuple[Response, int, dict[str, str]]:
-        headers = {}
+    def _serving_error(exc: ServingError) -> Response:
         retry = getattr(exc, "retry_after_s", None)
-        if retry is not None:
-            headers["Retry-After"] = str(retry)
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         else:
             log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        return jsonify(exc.to_json()), exc.status, headers
+        response = jsonify(exc.to_json())
+        if retry is not None:
+            response.headers["Retry-After"] = str(retry)
+        # Label Studio shows only the HTTP status line of a failed /setup on its settings page, so
+        # the message that says what to change travels in the reason phrase too (one latin-1 line).
+        reason = " ".join(exc.message.split()).encode("latin-1", "replace").decode("latin-1")[:1000]
+        response.status = f"{exc.status} {reason}"
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -1,0 +1,155 @@
+"""What annotators see: headless chromium opens Label Studio's labeling page with our predictions."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import NER_CONFIG, NER_TEXTS, OCR_CONFIG, Project
+from tests.e2e.ls_harness import REPO, Chromium, LabelStudio, MLServer
+
+log = logging.getLogger(__name__)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# The page's visible text plus the values of its text fields (innerText leaves those out: the
+# OCR transcription lives in the region list's textarea).
+PAGE_STATE = """(() => ({
+  text: document.body ? document.body.innerText : '',
+  fields: Array.from(document.querySelectorAll('textarea, input[type=text]')).map(e => e.value),
+}))()"""
+README_IMAGES = REPO / "docs" / "img"
+MAX_README_PNG_BYTES = 300 * 1024
+
+
+@pytest.fixture(scope="module")
+def browser(browser_ready: str, label_studio: LabelStudio, e2e_root: Path) -> Iterator[Chromium]:
+    """Start chromium logged in to Label Studio through a session cookie; stop it afterwards."""
+    chromium = Chromium(e2e_root / "chromium")
+    chromium.root.mkdir(parents=True, exist_ok=True)
+    try:
+        chromium.start()
+        chromium.set_cookie(label_studio.url, "sessionid", label_studio.login_session())
+        yield chromium
+    finally:
+        chromium.stop()
+
+
+def regions_panel(text: str) -> list[str]:
+    """Return the lines of the Regions panel (the page text after its Regions/Relations tabs)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, 0, -1):
+        if lines[i - 1] == "Regions" and lines[i] == "Relations":
+            return lines[i + 1 :]
+    return []
+
+
+def open_task(browser: Chromium, ls: LabelStudio, project: Project, task_id: int) -> None:
+    """Open a task's labeling page in the Data Manager."""
+    browser.navigate(f"{ls.url}/projects/{project.id}/data?task={task_id}")
+
+
+def save_screenshot(
+    browser: Chromium, artifacts_dir: Path, name: str, rendered: Callable[[Any], bool]
+) -> Path:
+    """Save a screenshot of the rendered page under the artifacts (and docs/img with UPDATE_SCREENSHOTS=1)."""
+    path = artifacts_dir / f"{name}.png"
+    for _ in range(3):
+        browser.screenshot(path)
+        # Still rendered after the capture: the picture shows the regions, not a re-mount spinner.
+        if rendered(browser.evaluate(PAGE_STATE)):
+            break
+        browser.wait_for(PAGE_STATE, rendered, f"{name} to render again")
+    else:
+        raise AssertionError(f"the page kept re-rendering while capturing {name}")
+    assert path.stat().st_size > 10_000, "the screenshot is nearly empty"
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        README_IMAGES.mkdir(parents=True, exist_ok=True)
+        target = README_IMAGES / f"{name}.png"
+        shutil.copyfile(path, target)
+        if target.stat().st_size > MAX_README_PNG_BYTES:
+            _shrink_png(target)
+        log.info("updated %s (%d bytes)", target, target.stat().st_size)
+    return path
+
+
+def _shrink_png(path: Path) -> None:
+    """Re-encode a PNG with a 256-colour palette (UI screenshots lose nothing visible)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=256)
+    buf = io.BytesIO()
+    small.save(buf, format="PNG", optimize=True)
+    path.write_bytes(buf.getvalue())
+
+
+def _ours(ls: LabelStudio, ml_server: MLServer, project: Project, task_id: int) -> str:
+    """Make sure the task holds our prediction (the action is idempotent) and return its model_version."""
+    ls.retrieve_predictions(project.id)
+    predictions = ls.predictions(task_id)
+    assert len(predictions) == 1 and predictions[0]["result"], predictions
+    return str(predictions[0]["model_version"])
+
+
+def test_ocr_labeling_page_shows_our_regions(
+    browser: Chromium,
+    label_studio: LabelStudio,
+    ml_server: MLServer,
+    ocr_project: Project,
+    artifacts_dir: Path,
+) -> None:
+    """The OCR task opens with our prediction: a "Text" region whose transcription reads HELLO."""
+    assert ocr_project.config == OCR_CONFIG
+    task_id = ocr_project.task_ids[0]
+    version = _ours(label_studio, ml_server, ocr_project, task_id)
+    open_task(browser, label_studio, ocr_project, task_id)
+
+    def rendered(state: Any) -> bool:
+        return (
+            isinstance(state, dict)
+            and version in state["text"]
+            and "Text" in regions_panel(state["text"])
+            and "HELLO" in state["fields"]
+        )
+
+    state = browser.wait_for(PAGE_STATE, rendered, "our OCR region in the labeling page")
+    # One region: its label, then its score; the transcription is the only filled text field.
+    panel = regions_panel(state["text"])
+    assert panel.count("Text") == 1, panel
+    assert [f for f in state["fields"] if f.strip()] == ["HELLO"], state["fields"]
+    save_screenshot(browser, artifacts_dir, "labeling-ocr", rendered)
+
+
+def test_ner_labeling_page_shows_our_spans(
+    browser: Chromium,
+    label_studio: LabelStudio,
+    ml_server: MLServer,
+    ner_project: Project,
+    artifacts_dir: Path,
+) -> None:
+    """The NER task opens with our prediction: Person "Barack Obama" and Location "Hawaii" in the region list."""
+    assert ner_project.config == NER_CONFIG
+    task_id = ner_project.task_ids[NER_TEXTS.index("Barack Obama was born in Hawaii.")]
+    version = _ours(label_studio, ml_server, ner_project, task_id)
+    open_task(browser, label_studio, ner_project, task_id)
+
+    def rendered(state: Any) -> bool:
+        return (
+            isinstance(state, dict) and version in state["text"] and "Hawaii" in regions_panel(state["text"])
+        )
+
+    state = browser.wait_for(PAGE_STATE, rendered, "our NER spans in the labeling page")
+    panel = regions_panel(state["text"])
+    entries = [
+        (panel[i - 1], panel[i]) for i in range(1, len(panel)) if panel[i] in {"Barack Obama", "Hawaii"}
+    ]
+    assert entries == [("Person", "Barack Obama"), ("Location", "Hawaii")], panel
+    save_screenshot(browser, artifacts_dir, "labeling-ner", rendered)
