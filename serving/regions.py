@@ -269,6 +269,18 @@ def textarea_item(target: Target, texts: Sequence[str], score: float) -> dict[st
     return _base_item(target, target.control.name, "textarea", {"text": list(texts)}, new_id(), score, None)
 
 
+def region_textarea_item(
+    target: Target, geometry: dict[str, Any], size: tuple[int, int], score: float, text: str, region_id: str
+) -> dict[str, Any] | None:
+    """Build the per-region textarea item of an existing region (same id, same geometry); None without one."""
+    textarea = target.linked.get("textarea")
+    if textarea is None:
+        return None
+    value = dict(geometry)
+    value["text"] = [text]
+    return _base_item(target, textarea.name, "textarea", value, region_id, score, size)
+
+
 def prediction_score(items: Sequence[dict[str, Any]]) -> float:
     """Return the mean score over regions (one score per region id), 0.0 when empty."""
     by_region: dict[str, float] = {}

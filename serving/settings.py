@@ -52,6 +52,9 @@ class Settings:
     ocr_engine: str = "easyocr"
     ocr_languages: tuple[str, ...] = ("en",)
     ocr_shape: str = ""  # "polygon" to prefer polygons when a config has both
+    ocr_threads: int = 0  # Tesseract pages in parallel; 0 = min(4, cpu count)
+    tessdata_dir: str = ""  # extra place to look for Tesseract language data
+    easyocr_model_dir: str = ""  # extra place to look for EasyOCR weights
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
