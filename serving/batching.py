@@ -55,6 +55,7 @@ class Batcher:
         max_wait_ms: float = 5.0,
         queue_size: int = 1024,
         on_batch: Callable[[str, int, float], None] | None = None,
+        expecting: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self.fn = fn
@@ -62,6 +63,10 @@ class Batcher:
         self.max_wait_s = max(0.0, float(max_wait_ms) / 1000.0)
         self._queue: queue.Queue[tuple[Any, Future[Any]]] = queue.Queue(maxsize=max(1, queue_size))
         self._on_batch = on_batch
+        # Tells whether more items are on their way (being decoded for this model). When none are,
+        # waiting max_wait_ms for company only adds latency: run the batch now. Under load, items
+        # that arrive while the model runs are batched by the next gather anyway.
+        self._expecting = expecting
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -103,10 +108,15 @@ class Batcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            try:
-                batch.append(self._queue.get(timeout=remaining))
-            except queue.Empty:
+            if self._expecting is not None and not self._expecting():
                 break
+            # wait in short slices so a stream that just ended stops the wait early
+            slice_s = remaining if self._expecting is None else min(remaining, 0.0005)
+            try:
+                batch.append(self._queue.get(timeout=slice_s))
+            except queue.Empty:
+                if self._expecting is None:
+                    break
         return batch
 
     def _loop(self) -> None:

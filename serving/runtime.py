@@ -41,6 +41,17 @@ class ModelSlot:
     ready: threading.Event = field(default_factory=threading.Event)
     batcher: Batcher | None = None
     load_seconds: float = 0.0
+    pending: int = 0  # items being decoded for this model, across requests
+    pending_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_pending(self, delta: int) -> None:
+        """Count items in preparation (the batcher waits for company only while some are)."""
+        with self.pending_lock:
+            self.pending += delta
+
+    def expecting(self) -> bool:
+        """Return True while items for this model are still being prepared."""
+        return self.pending > 0
 
     @property
     def failed(self) -> bool:
@@ -182,6 +193,7 @@ class Runtime:
                 max_wait_ms=self.settings.max_wait_ms,
                 queue_size=self.settings.queue_size,
                 on_batch=self.metrics.observe_batch,
+                expecting=slot.expecting,
             )
             slot.state = "ready"
             slot.load_seconds = time.perf_counter() - started
@@ -320,6 +332,7 @@ class Runtime:
         for start in range(0, n, window):
             for i in range(start, min(n, start + window)):
                 for slot, obj, targets in groups:
+                    slot.add_pending(1)
                     fut = self._pool.submit(
                         self._prepare, tasks[i], obj, slot.backend, context if interactive else None
                     )
@@ -360,24 +373,33 @@ class Runtime:
         index = {id(fut): (i, slot, targets) for i, slot, targets, fut in pending}
         forwarded: list[tuple[int, ModelSlot, list[Target], Item, Future[Any]]] = []
         post: list[tuple[int, Future[list[dict[str, Any]]]]] = []
+        unprepared = {id(fut): slot for _, slot, _, fut in pending}
         try:
             timeout = max(0.1, deadline - time.monotonic())
             for fut in as_completed([p[3] for p in pending], timeout=timeout):
                 i, slot, targets = index[id(fut)]
+                del unprepared[id(fut)]
                 try:
                     item, x = fut.result()
                 except InputError as exc:
+                    slot.add_pending(-1)
                     reasons.setdefault(i, str(exc))
                     continue
                 except Exception as exc:
+                    slot.add_pending(-1)
                     log.exception("preprocess failed for task #%d", i)
                     reasons.setdefault(i, f"preprocess failed: {type(exc).__name__}: {exc}")
                     continue
                 if interactive and context is not None:
+                    slot.add_pending(-1)
                     post.append((i, self._pool.submit(self._interactive, slot, item, targets, context, x)))
                     continue
                 assert slot.batcher is not None
-                forwarded.append((i, slot, targets, item, slot.batcher.submit(x)))
+                try:
+                    forwarded.append((i, slot, targets, item, slot.batcher.submit(x)))
+                finally:
+                    # only once the item is queued: the batcher waits for company while some are coming
+                    slot.add_pending(-1)
             for i, slot, targets, item, bfut in forwarded:
                 try:
                     output = bfut.result(timeout=max(0.1, deadline - time.monotonic()))
@@ -398,6 +420,9 @@ class Runtime:
             for i, *_ in pending:
                 if not results[i]:
                     reasons.setdefault(i, "prediction did not finish before its deadline (PREDICT_TIMEOUT_S)")
+        finally:
+            for slot in unprepared.values():  # never queued (deadline, 503): stop counting them
+                slot.add_pending(-1)
 
     def _interactive(
         self, slot: ModelSlot, item: Item, targets: list[Target], context: Mapping[str, Any], x: Any

@@ -108,3 +108,24 @@ def test_full_queue_raises_overloaded() -> None:
         batcher.submit(3)
     gate.set()
     assert first.result(timeout=5) == 0
+
+
+def test_no_wait_for_company_when_nothing_else_is_coming() -> None:
+    model = Recorder()
+    batcher = Batcher("m", model, max_batch_size=8, max_wait_ms=2000, expecting=lambda: False)
+    started = time.perf_counter()
+    assert batcher.submit(3).result(timeout=5) == 30
+    assert time.perf_counter() - started < 0.5  # not the 2 s max wait
+
+
+def test_waits_for_items_still_being_prepared() -> None:
+    model = Recorder()
+    coming = threading.Event()
+    coming.set()
+    batcher = Batcher("m", model, max_batch_size=8, max_wait_ms=2000, expecting=coming.is_set)
+    first = batcher.submit(1)
+    time.sleep(0.1)
+    second = batcher.submit(2)
+    coming.clear()
+    assert (first.result(timeout=5), second.result(timeout=5)) == (10, 20)
+    assert model.sizes == [2]
