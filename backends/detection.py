@@ -83,10 +83,14 @@ class TorchvisionDetectorBase(tv.TorchvisionWeights, Backend):
     def load(self, device: str) -> None:
         """Build the detector with its weights on the device."""
         model, categories, _ = tv.build_model(self.spec, self.settings, self._user_kwargs)
-        tv.set_detector_limits(model, self.score_floor, self.detections_per_img)
+        tv.set_detector_limits(model, self.score_floor, self.max_detections())
         self.model = model.to(device)
         self.categories = categories
         self.device = device
+
+    def max_detections(self) -> int:
+        """Return the per-image detection cap: MAX_DETECTIONS when set, else the family's own."""
+        return self.settings.max_detections if self.settings.max_detections > 0 else self.detections_per_img
 
     def _user_kwargs(self, names: list[str]) -> tuple[dict[str, Any], list[str]]:
         """Return builder arguments and vocabulary for a user checkpoint's class list."""

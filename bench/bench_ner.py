@@ -84,8 +84,33 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """Save a tiny random BERT token classifier (for CPU smoke runs without hub access)."""
+# bert-base-cased's shape (dslim/bert-base-NER's architecture): what a GPU timing run needs without weights.
+BASE_SHAPE: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+}
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+}
+BASE_VOCAB = 28996
+# With --random-base, the O logit's head start that leaves ~3-5 entities in a generated text, like
+# dslim/bert-base-NER on news sentences (calibrated on CPU: see docs/BENCHMARKS.md).
+REALISTIC_O_BIAS = 0.1
+
+
+def build_tiny_model(folder: Path, base: bool = False, o_bias: float = 0.0) -> Path:
+    """Save a random BERT token classifier, tiny or of bert-base's shape (runs without hub access).
+
+    `o_bias` is added to the "O" logit: random weights otherwise tag most tokens as entities, and
+    post-processing cost scales with the entities found, so a timing run plants a realistic few.
+    """
     import torch
     import transformers
     from transformers import BertConfig, BertForTokenClassification
@@ -97,24 +122,28 @@ def build_tiny_model(folder: Path) -> Path:
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?%'-")
     words = sorted({w.lower().strip(".,") for t in TEMPLATES + PEOPLE + ORGS + PLACES for w in t.split()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *words]
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    vocab = list(dict.fromkeys(vocab))
+    shape = BASE_SHAPE if base else TINY_SHAPE
+    if base:  # the real vocabulary's size, so the embedding and its lookups cost what they do for real
+        vocab += [f"[unused{i}]" for i in range(BASE_VOCAB - len(vocab))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    max_len = shape["max_position_embeddings"]
     try:
-        tokenizer = fast_tokenizer(vocab=str(folder / "vocab.txt"), model_max_length=128)
+        tokenizer = fast_tokenizer(vocab=str(folder / "vocab.txt"), model_max_length=max_len)
     except TypeError:  # transformers 4.x
-        tokenizer = fast_tokenizer(vocab_file=str(folder / "vocab.txt"), model_max_length=128)
+        tokenizer = fast_tokenizer(vocab_file=str(folder / "vocab.txt"), model_max_length=max_len)
     tags = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
     config = BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
+        **shape,
         id2label=dict(enumerate(tags)),
         label2id={t: i for i, t in enumerate(tags)},
     )
     torch.manual_seed(0)
-    BertForTokenClassification(config).save_pretrained(folder)
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        model.classifier.bias[0] += o_bias
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -220,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="build and use a tiny random BERT (CPU smoke run)"
     )
+    parser.add_argument(
+        "--random-base",
+        action="store_true",
+        help="build and use a random BERT of bert-base-NER's shape (GPU timing without hub access)",
+    )
+    parser.add_argument(
+        "--o-bias", type=float, default=None, help="logit added to O in a built model (default: realistic)"
+    )
     parser.add_argument("--device", default="", help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=NerBackend.max_batch_size)
     parser.add_argument("--loop-n", type=int, default=0, help="texts for the per-task loop (default: --n)")
@@ -233,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench_ner_"))
-    model_name = str(build_tiny_model(tmp / "tiny-bert")) if args.tiny else args.model
+    model_name = args.model
+    if args.tiny or args.random_base:
+        o_bias = args.o_bias if args.o_bias is not None else (REALISTIC_O_BIAS if args.random_base else 0.0)
+        model_name = str(build_tiny_model(tmp / "random-bert", base=args.random_base, o_bias=o_bias))
     settings = Settings(
         model_dir=str(tmp), device=device, max_wait_ms=5.0, max_tasks_per_request=max(5000, args.n)
     )

@@ -41,6 +41,7 @@ class Settings:
     warmup: tuple[str, ...] = ()  # model keys to load at start, e.g. "ner:spacy"
     max_batch_size: int = 0  # 0 = the backend's own policy
     max_wait_ms: float = 5.0
+    max_detections: int = 0  # boxes per image for detectors; 0 = the family's own cap (100)
     queue_size: int = 1024
     preprocess_threads: int = 8
     model_version: str = ""  # deployment override

@@ -73,6 +73,21 @@ def test_detection_ssdlite_loads_from_the_hub_cache(isolated_env: Path, tmp_path
             assert 0 <= v["x"] <= 100 and 0 <= v["width"] <= 100 - v["x"] + 1e-6
 
 
+def test_max_detections_setting_caps_boxes_per_image(isolated_env: Path, tmp_path: Path) -> None:
+    """MAX_DETECTIONS replaces the family's cap of 100 in the loaded model, and outputs respect it."""
+    save_random_weights("ssdlite320_mobilenet_v3_large", isolated_env / "torch_home", num_classes=91)
+    spec = ModelSpec("detection", "ssdlite320_mobilenet_v3_large")
+    capped = DetectionBackend(spec, settings(tmp_path).with_(max_detections=2))
+    capped.score_floor = 0.0
+    capped.load("cpu")
+    assert capped.model.detections_per_img == 2
+    default = DetectionBackend(spec, settings(tmp_path))
+    default.load("cpu")
+    assert default.model.detections_per_img == 100
+    for _, det in forward(capped, [(96, 64), (64, 80)]):
+        assert det.boxes_xyxy_px.shape[0] == 2
+
+
 @pytest.mark.slow
 def test_detection_default_faster_rcnn_loads(isolated_env: Path, tmp_path: Path) -> None:
     """The default detector (Faster R-CNN R50-FPN v2) loads and predicts rectangles."""
