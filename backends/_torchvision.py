@@ -344,14 +344,19 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-def resize_image(image: Image.Image, scale: float) -> Image.Image:
-    """Return the image scaled by `scale` (antialiased), or itself when the scale is 1."""
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Return (width, height) times scale, rounded, at least 1; the size itself when scale >= 1."""
+    if scale >= 1.0:
+        return size
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Return the image resized to `size` (antialiased), or itself when it already has that size."""
     from PIL import Image as PILImage
 
-    if scale >= 1.0:
+    if image.size == size:
         return image
-    width, height = image.size
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image.resize(size, PILImage.Resampling.BILINEAR, reducing_gap=None)
 
 

@@ -142,6 +142,8 @@ class Item:
     image: Image.Image | None = None
     text: str | None = None
     context: Mapping[str, Any] | None = None
+    # Set when the image was decoded smaller than it is (see Backend.input_scale): the size LS shows.
+    original_size: tuple[int, int] | None = None
 
     @property
     def task_id(self) -> Any:
@@ -151,6 +153,8 @@ class Item:
     @property
     def size(self) -> tuple[int, int]:
         """Return (width, height) of the image as Label Studio shows it (EXIF applied)."""
+        if self.original_size is not None:
+            return self.original_size
         if self.image is None:
             raise ValueError("item has no image")
         return self.image.size
@@ -253,6 +257,14 @@ class Backend(ABC):
     def labels(self) -> Sequence[str]:
         """Return the model's vocabulary (for label maps and docs)."""
         return ()
+
+    def input_scale(self, size: tuple[int, int]) -> float:
+        """Return the scale preprocess() resizes an image of this (width, height) to (1 = full size).
+
+        Below 1/2 the resolver may decode a JPEG smaller (item.image is then smaller than item.size,
+        never smaller than this scale), so preprocess must resize to sizes computed from item.size.
+        """
+        return 1.0
 
     def preprocess(self, item: Item) -> Any:
         """Turn one decoded item into the model's input (CPU, thread pool)."""

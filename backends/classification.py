@@ -122,6 +122,10 @@ class ClassificationBackend(tv.TorchvisionWeights, Backend):
         self.categories = categories
         self.device = device
 
+    def input_scale(self, size: tuple[int, int]) -> float:
+        """Return the scale of the weights' resize of the shorter side."""
+        return self.resize_size / min(size)
+
     def preprocess(self, item: Item) -> Any:
         """Resize the shorter side and center-crop as the weights' transform does; return uint8 CHW."""
         from PIL import Image as PILImage

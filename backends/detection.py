@@ -97,12 +97,16 @@ class TorchvisionDetectorBase(tv.TorchvisionWeights, Backend):
         categories = tv.with_background(names)
         return {"num_classes": len(categories)}, categories
 
+    def input_scale(self, size: tuple[int, int]) -> float:
+        """Return the scale the detector's own transform would bring the image to (never above 1)."""
+        return tv.detector_input_scale(size, self.model)
+
     def preprocess(self, item: Item) -> tv.ImageInput:
         """Shrink the image to the size the model works at (never enlarge) and make a uint8 tensor."""
         assert item.image is not None
         size = item.size
-        scale = tv.detector_input_scale(size, self.model)
-        return tv.ImageInput(tv.image_to_tensor(tv.resize_image(item.image, scale)), size)
+        target = tv.scaled_size(size, self.input_scale(size))
+        return tv.ImageInput(tv.image_to_tensor(tv.resize_to(item.image, target)), size)
 
     def forward(self, batch: list[Any]) -> list[Any]:
         """Run the model once on the batch (images may differ in size)."""

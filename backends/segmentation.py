@@ -224,15 +224,21 @@ class SemanticSegmentationBackend(tv.TorchvisionWeights, Backend):
         """Return builder arguments for a user checkpoint: every output class, in order."""
         return {"num_classes": len(names)}, names
 
+    def input_scale(self, size: tuple[int, int]) -> float:
+        """Return the scale that brings the shorter side to the model's (may enlarge)."""
+        return self.short_side / min(size)
+
     def preprocess(self, item: Item) -> SemanticInput:
         """Resize the shorter side to the model's scale (as the weights' transform does) as uint8."""
         from PIL import Image as PILImage
 
         assert item.image is not None
         width, height = item.size
-        scale = self.short_side / min(width, height)
+        scale = self.input_scale(item.size)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = item.image if size == item.size else item.image.resize(size, PILImage.Resampling.BILINEAR)
+        image = (
+            item.image if size == item.image.size else item.image.resize(size, PILImage.Resampling.BILINEAR)
+        )
         return SemanticInput(tv.image_to_tensor(image), item.size)
 
     def forward(self, batch: list[Any]) -> list[Any]:

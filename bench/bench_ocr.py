@@ -166,7 +166,7 @@ class PageResolver:
     def __init__(self, pngs: list[bytes]) -> None:
         self.pngs = pngs
 
-    def load_image(self, value: str, task_id: int | None = None) -> Image.Image:
+    def load_image(self, value: str, task_id: int | None = None, shrink: Any = None) -> Image.Image:
         """Decode the page named page-<i>.png."""
         index = int(value.rsplit("-", 1)[-1].split(".")[0])
         return Image.open(io.BytesIO(self.pngs[index])).convert("RGB")

@@ -27,11 +27,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 from serving.errors import BadRequest, ConfigError, InputError, NotFound, Overloaded, ServingError
 from serving.settings import Settings
+
+if TYPE_CHECKING:
+    from serving.data import Shrink
 
 log = logging.getLogger(__name__)
 
@@ -329,13 +332,13 @@ class LocalFileResolver:
             raise InputError(f"{path} is not a file")
         return path
 
-    def load_image(self, value: str, task_id: int | None = None) -> Any:
-        """Return an RGB, EXIF-transposed image."""
+    def load_image(self, value: str, task_id: int | None = None, shrink: Shrink | None = None) -> Any:
+        """Return an RGB, EXIF-transposed image (a JPEG maybe decoded smaller: see draft_for_model)."""
         if not (isinstance(value, str) and value.startswith("file://")):
-            return self._inner().load_image(value, task_id)
+            return self._inner().load_image(value, task_id, shrink=shrink)
         from PIL import Image, ImageOps
 
-        from serving.data import to_rgb
+        from serving.data import ORIGINAL_SIZE, draft_for_model, to_rgb
 
         path = self.local_path(value)
         try:
@@ -345,9 +348,12 @@ class LocalFileResolver:
                     raise InputError(
                         f"{path.name} is {w}x{h} pixels, over MAX_IMAGE_PIXELS={self._max_pixels}"
                     )
+                original = draft_for_model(im, shrink)
                 im.load()
-                out = ImageOps.exif_transpose(im) or im
-                return to_rgb(out)
+                out = to_rgb(ImageOps.exif_transpose(im) or im)
+                if original is not None:
+                    out.info[ORIGINAL_SIZE] = original
+                return out
         except InputError:
             raise
         except Exception as exc:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from backends.base import Backend, Item, ModelSpec, ObjectTag, Target
 from serving.batching import Batcher
+from serving.data import ORIGINAL_SIZE, Shrink
 from serving.errors import InputError, ModelUnavailable, Overloaded
 from serving.labeling import Plan, Planner
 from serving.metrics import Metrics
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class Resolver(Protocol):
     """What the runtime needs from serving/data.py."""
 
-    def load_image(self, value: str, task_id: int | None = None) -> Any: ...
+    def load_image(self, value: str, task_id: int | None = None, shrink: Shrink | None = None) -> Any: ...
 
     def load_text(self, value: str, task_id: int | None = None) -> str: ...
 
@@ -288,7 +289,8 @@ class Runtime:
                 raise InputError(
                     f"data['{obj.value_key}'] must be an image URL or path, got {type(value).__name__}"
                 )
-            item.image = self.resolver.load_image(value, task_id)
+            item.image = self.resolver.load_image(value, task_id, shrink=backend.input_scale)
+            item.original_size = item.image.info.get(ORIGINAL_SIZE)
         elif kind == "text":
             if not isinstance(value, str):
                 raise InputError(f"data['{obj.value_key}'] must be text or a URL, got {type(value).__name__}")

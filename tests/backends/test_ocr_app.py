@@ -33,7 +33,7 @@ PAGES: dict[str, Rendered] = {
 class PageResolver:
     """Serve the rendered pages by URL name, as the data resolver would after a download."""
 
-    def load_image(self, value: str, task_id: int | None = None) -> Image.Image:
+    def load_image(self, value: str, task_id: int | None = None, shrink: Any = None) -> Image.Image:
         """Return the rendered page named by the URL's last path part."""
         return PAGES[value.rsplit("/", 1)[-1]].image.copy()
 

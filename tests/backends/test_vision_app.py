@@ -31,6 +31,7 @@ from serving.settings import Settings
 from tests.backends._vision_support import (
     PlantedClassifier,
     PlantedDetector,
+    Transform,
     coco_categories,
     ellipse_mask,
     imagenet_categories,
@@ -213,6 +214,51 @@ def test_exif_rotated_image_uses_the_displayed_size(tmp_path: Path) -> None:
     (rect,) = pred["result"]
     assert (rect["original_width"], rect["original_height"]) == (120, 160)
     assert [rect["value"][k] for k in ("x", "y", "width", "height")] == pytest.approx([60, 60, 30, 30])
+
+
+def big_photo() -> Image.Image:
+    """Return a 1600x1200 stored photo-like image (gradients, so JPEG scaling has detail to keep)."""
+    yy, xx = np.mgrid[:1200, :1600]
+    rgb = np.stack([xx * 255 // 1600, yy * 255 // 1200, (xx + yy) * 127 // 2800], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def test_a_big_jpeg_decoded_at_reduced_scale_gives_the_regions_of_the_full_image(tmp_path: Path) -> None:
+    """A 1600x1200 EXIF-rotated JPEG for a ~130-pixel model decodes at 1/8 and answers like its PNG."""
+
+    class SmallInput(PLANTED["instance_segmentation"]):  # type: ignore[valid-type,misc]
+        def load(self, device: str) -> None:
+            super().load(device)
+            self.model.transform = Transform(min_size=100, max_size=200)
+
+    stored = big_photo()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 1200x1600
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    stored.save(jpeg, format="JPEG", exif=exif, quality=90)
+    stored.transpose(Image.Transpose.ROTATE_270).save(png, format="PNG")  # the same picture, as shown
+    urls = [
+        "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode(),
+        "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
+    ]
+    app = app_with(tmp_path, {"instance_segmentation": SmallInput}, real_resolver=True)
+    config = (
+        '<View><Image name="image" value="$image"/><BrushLabels name="b" toName="image">'
+        '<Label value="Car"/><Label value="Airplane"/></BrushLabels></View>'
+    )
+    from_jpeg, from_png = predict(app, config, urls)
+    assert len(from_jpeg["result"]) == 2
+    for a, b in zip(from_jpeg["result"], from_png["result"], strict=True):
+        assert (
+            (a["original_width"], a["original_height"])
+            == (b["original_width"], b["original_height"])
+            == (
+                1200,
+                1600,
+            )
+        )
+        assert a["value"] == b["value"]  # the same RLE at the original resolution
+        assert a["score"] == b["score"]
 
 
 def test_setup_reports_missing_weights_with_the_fix(isolated_env: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ class FakeResolver:
         self.default_size = default_size
         self.calls: list[str] = []
 
-    def load_image(self, value: str, task_id: int | None = None) -> Image.Image:
+    def load_image(self, value: str, task_id: int | None = None, shrink: Any = None) -> Image.Image:
         """Return a blank image; 'missing' in the URL raises InputError like a 404 would."""
         self.calls.append(value)
         if "missing" in value:

@@ -21,7 +21,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serving.data import DataResolver, _host_matches, is_reference, safe_url
+from serving.data import ORIGINAL_SIZE, DataResolver, _host_matches, is_reference, safe_url
 from serving.errors import InputError
 from serving.lsclient import LabelStudioClient
 from serving.settings import Settings
@@ -672,6 +672,42 @@ def test_exif_orientation_applied(make: Make, fake_ls: FakeLS) -> None:
     assert im.size == (20, 40)  # as Label Studio (the browser) shows it
     top, bottom = np.asarray(im)[5, 10], np.asarray(im)[35, 10]
     assert top[0] > 200 and top[1] < 50 and bottom[0] < 50
+
+
+def test_jpeg_decodes_smaller_when_the_model_shrinks_it_and_keeps_the_shown_size(
+    make: Make, fake_ls: FakeLS
+) -> None:
+    """shrink(shown size) -> scale: libjpeg scales by 1/2..1/8, never below the asked size; EXIF still applies."""
+    stored = np.zeros((1200, 1600, 3), dtype=np.uint8)
+    stored[:, :800] = (255, 0, 0)  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 1200 wide, 1600 high
+    url = _serve(
+        fake_ls, png_bytes(Image.fromarray(stored), "JPEG", exif=exif.tobytes(), quality=90), "image/jpeg"
+    )
+    seen: list[tuple[int, int]] = []
+
+    def shrink(size: tuple[int, int]) -> float:
+        seen.append(size)
+        return 0.2
+
+    im = make().load_image(url, shrink=shrink)
+    assert seen == [(1200, 1600)]  # the model is asked about the image as shown
+    assert im.size == (300, 400)  # 1/4: the smallest libjpeg scale that is still >= 0.2
+    assert im.info[ORIGINAL_SIZE] == (1200, 1600)
+    top, bottom = np.asarray(im)[50, 150], np.asarray(im)[350, 150]
+    assert top[0] > 200 and bottom[0] < 50  # the stored left (red) half is on top, as shown
+
+    assert make().load_image(url, shrink=lambda size: 0.125).size == (150, 200)  # 1/8
+    for scale in (0.6, 1.0, 2.0):  # nothing to gain: decoded in full
+        full = make().load_image(url, shrink=lambda size, s=scale: s)
+        assert full.size == (1200, 1600) and ORIGINAL_SIZE not in full.info
+    assert ORIGINAL_SIZE not in make().load_image(url).info
+
+
+def test_png_is_never_decoded_smaller(make: Make, fake_ls: FakeLS) -> None:
+    im = make().load_image(_serve(fake_ls, png_bytes(Image.new("RGB", (800, 600)))), shrink=lambda size: 0.1)
+    assert im.size == (800, 600) and ORIGINAL_SIZE not in im.info
 
 
 # ---------------------------------------------------------------------------------- text

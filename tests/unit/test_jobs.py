@@ -360,7 +360,7 @@ def test_local_file_resolver_refuses_files_outside_its_roots(tmp_path: Path) -> 
     calls: list[str] = []
 
     class Inner:
-        def load_image(self, value: str, task_id: int | None = None) -> str:
+        def load_image(self, value: str, task_id: int | None = None, shrink: Any = None) -> str:
             calls.append(value)
             return "inner"
 
@@ -372,6 +372,19 @@ def test_local_file_resolver_refuses_files_outside_its_roots(tmp_path: Path) -> 
         resolver.load_image((folder / ".." / "outside.png").as_uri())
     assert resolver.load_image("https://example.com/x.png") == "inner"
     assert calls == ["https://example.com/x.png"]
+
+
+def test_local_file_resolver_decodes_a_big_jpeg_smaller_for_a_small_model(tmp_path: Path) -> None:
+    """Batch-folder JPEGs take the same reduced decode as downloads; the shown size is kept."""
+    from serving.data import ORIGINAL_SIZE
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (1600, 1200), (10, 200, 30)).save(folder / "big.jpg", quality=90)
+    resolver = LocalFileResolver([folder], fallback=lambda: None)
+    im = resolver.load_image((folder / "big.jpg").as_uri(), shrink=lambda size: 0.25)
+    assert im.size == (400, 300) and im.info[ORIGINAL_SIZE] == (1600, 1200)
+    assert resolver.load_image((folder / "big.jpg").as_uri()).size == (1600, 1200)
 
 
 # ---------------------------------------------------------------------------------------------- kill and resume
