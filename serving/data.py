@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import concurrent.futures
 import hashlib
 import heapq
 import io
@@ -233,10 +234,45 @@ class _Watchdog:
 
 _WATCHDOG = _Watchdog()
 _local = threading.local()
+# Threads for DNS lookups, so that one can be abandoned at its timeout (a hung one keeps its thread).
+_DNS_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
+
+
+def _pinned_addresses(host: str, port: int | None) -> list[str]:
+    """Return the addresses check_url approved for host:port in this thread's current fetch, if any."""
+    pinned: dict[tuple[str, int | None], list[str]] | None = getattr(_local, "pinned", None)
+    if not pinned:
+        return []
+    return pinned.get((host.lower().rstrip("."), port), [])
 
 
 class _WatchMixin:
-    """Register the connection's socket with the calling thread's deadline before waiting for a response."""
+    """Connect only to the addresses the URL policy approved; register sockets with the fetch's deadline.
+
+    Connecting to the checked addresses (not to a second DNS answer) is what stops DNS rebinding: a
+    host that answers a public address to the check and a private or metadata one to the connect.
+    The TLS handshake still names and verifies the host.
+    """
+
+    _dns_host: str  # urllib3's connect target (its `host` property reads it too)
+
+    def _new_conn(self) -> Any:
+        addrs = _pinned_addresses(self.host, self.port)  # type: ignore[attr-defined]
+        if not addrs:
+            return super()._new_conn()  # type: ignore[misc]
+        original = self._dns_host
+        error: Exception | None = None
+        try:
+            for addr in addrs:
+                self._dns_host = addr
+                try:
+                    return super()._new_conn()  # type: ignore[misc]
+                except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
+                    error = exc
+        finally:
+            self._dns_host = original
+        assert error is not None
+        raise error
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         deadline = getattr(_local, "deadline", None)
@@ -878,8 +914,15 @@ class DataResolver:
             hit = self._dns.get(key)
             if hit and hit[0] > now:
                 return hit[1]
+        # getaddrinfo has no timeout of its own: a resolver that never answers would hold this worker.
+        limit = max(float(self._settings.download_timeout_s), 0.01)
+        lookup = _DNS_POOL.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = lookup.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            raise InputError(
+                f"DNS lookup of {host!r} timed out after {limit:g} s (DOWNLOAD_TIMEOUT_S)"
+            ) from None
         except (socket.gaierror, UnicodeError, OSError) as exc:
             raise InputError(f"cannot resolve host {host!r}: {_describe(exc)}") from None
         addrs = sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
@@ -890,7 +933,10 @@ class DataResolver:
         return addrs
 
     def check_url(self, url: str) -> None:
-        """Refuse a URL that this server must not fetch (scheme, metadata address, allow-list, private)."""
+        """Refuse a URL that this server must not fetch (scheme, metadata address, allow-list, private).
+
+        Inside a fetch, the approved addresses are pinned: the connection goes to them and no other.
+        """
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -928,6 +974,9 @@ class DataResolver:
                 raise InputError(
                     f"refusing {safe_url(url)}: {what} the private address {ip} (ALLOW_PRIVATE_URLS is off)"
                 )
+        pinned = getattr(_local, "pinned", None)
+        if pinned is not None:
+            pinned[(host, port or (443 if scheme == "https" else 80))] = addrs
 
     # ------------------------------------------------------------------ HTTP
 
@@ -1050,6 +1099,14 @@ class DataResolver:
 
     def _download(self, url: str, *, cacheable: bool) -> Fetched:
         """GET url with the deadline, size limit, manual re-checked redirects, LS auth and the disk cache."""
+        previous_pins = getattr(_local, "pinned", None)
+        _local.pinned = {}
+        try:
+            return self._download_pinned(url, cacheable)
+        finally:
+            _local.pinned = previous_pins
+
+    def _download_pinned(self, url: str, cacheable: bool) -> Fetched:
         self.check_url(url)
         cache = self._cache if cacheable else None
         if cache is not None and (hit := cache.get(url)) is not None:

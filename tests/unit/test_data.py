@@ -8,6 +8,7 @@ import io
 import logging
 import socket
 import struct
+import threading
 import time
 import warnings
 import zlib
@@ -504,6 +505,44 @@ def test_unresolvable_host(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     with pytest.raises(InputError, match=r"cannot resolve host 'nowhere\.invalid'"):
         make(http=NoNetwork()).fetch_bytes("http://nowhere.invalid/a.png")
+
+
+def test_connection_goes_to_the_checked_address_not_to_a_second_dns_answer(
+    make: Make, fake_ls: FakeLS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the host answers 127.0.0.1 to the check, then the metadata address; we use the first."""
+    real = socket.getaddrinfo
+    port = int(fake_ls.other_url.rsplit(":", 1)[1])
+    answers = iter(["127.0.0.1"] + ["169.254.169.254"] * 10)
+    asked: list[str] = []
+
+    def rebinding(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if host != "rebind.example":
+            return real(host, *args, **kwargs)
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = _serve(fake_ls, RED_PNG).replace("localhost", "rebind.example")
+    assert make().fetch_bytes(url) == RED_PNG
+    assert asked == ["rebind.example"]  # looked up once, by the check; the connection reused its answer
+
+
+def test_a_dns_lookup_that_never_answers_times_out(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def hang(*args: Any, **kwargs: Any) -> Any:
+        release.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hang)
+    started = time.monotonic()
+    try:
+        with pytest.raises(InputError, match=r"DNS lookup of 'slow\.example' timed out after 0\.3 s"):
+            make(http=NoNetwork(), download_timeout_s=0.3).fetch_bytes("http://slow.example/a.png")
+        assert time.monotonic() - started < 2.0
+    finally:
+        release.set()
 
 
 def test_allow_list(make: Make, fake_ls: FakeLS) -> None:
