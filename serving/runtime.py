@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -339,7 +339,7 @@ class Runtime:
                         self._prepare, tasks[i], obj, slot.backend, context if interactive else None
                     )
                     pending_prep.append((i, slot, targets, fut))
-            self._drain(pending_prep, results, reasons, interactive, context, deadline)
+            self._drain(pending_prep, results, reasons, interactive, context, deadline, timeout)
             pending_prep = []
 
         schema = _schema(label_config)
@@ -370,6 +370,7 @@ class Runtime:
         interactive: bool,
         context: Mapping[str, Any] | None,
         deadline: float,
+        timeout_s: float,
     ) -> None:
         """Feed prepared items to the batchers as they become ready, then post-process in the pool."""
         index = {id(fut): (i, slot, targets) for i, slot, targets, fut in pending}
@@ -402,11 +403,19 @@ class Runtime:
                 finally:
                     # only once the item is queued: the batcher waits for company while some are coming
                     slot.add_pending(-1)
+            late = f"prediction did not finish within its deadline ({timeout_s:g} s, PREDICT_TIMEOUT_S)"
             for i, slot, targets, item, bfut in forwarded:
                 try:
                     output = bfut.result(timeout=max(0.1, deadline - time.monotonic()))
                 except Overloaded:
                     raise
+                except (TimeoutError, CancelledError):
+                    # Past the deadline: what is done is still answered; what is queued is skipped by
+                    # the batcher (cancelled), not run for a request that stopped waiting.
+                    for *_, later in forwarded:
+                        later.cancel()
+                    reasons.setdefault(i, late)
+                    continue
                 except Exception as exc:
                     self.metrics.errors.labels(slot.spec.key, type(exc).__name__).inc()
                     reasons.setdefault(i, f"model {slot.spec.key} failed: {type(exc).__name__}: {exc}")
@@ -415,13 +424,18 @@ class Runtime:
             for i, pfut in post:
                 try:
                     results[i].extend(pfut.result(timeout=max(0.1, deadline - time.monotonic())))
+                except TimeoutError:
+                    reasons.setdefault(i, late)
                 except Exception as exc:
                     log.exception("postprocess failed for task #%d", i)
                     reasons.setdefault(i, f"postprocess failed: {type(exc).__name__}: {exc}")
-        except TimeoutError:
+        except TimeoutError:  # preparation (download, decode) itself ran past the deadline
             for i, *_ in pending:
                 if not results[i]:
-                    reasons.setdefault(i, "prediction did not finish before its deadline (PREDICT_TIMEOUT_S)")
+                    reasons.setdefault(
+                        i,
+                        f"prediction did not finish within its deadline ({timeout_s:g} s, PREDICT_TIMEOUT_S)",
+                    )
         finally:
             for slot in unprepared.values():  # never queued (deadline, 503): stop counting them
                 slot.add_pending(-1)

@@ -132,6 +132,38 @@ def test_tasks_of_one_request_share_forward_calls(client) -> None:
     assert len(FakeNER.batch_sizes) < 64
 
 
+def test_a_request_past_its_deadline_says_so_and_leaves_no_queued_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PREDICT_TIMEOUT_S: tasks not done get an empty result with the reason; their queued batches never run."""
+    FakeNER.forward_delay_s = 0.2
+    client = fake_app(tmp_path, predict_timeout_s=0.5, max_batch_size=1).test_client()
+    config = fixture_request("predict_single_open_task")["body"]["label_config"]
+    client.post("/setup", json={"project": "1.1", "schema": config})  # starts the load
+    waited = time.monotonic() + 30
+    while (
+        client.get("/health").json["backends"]["fake_ner:fake-ner-1"] != "ready" and time.monotonic() < waited
+    ):
+        time.sleep(0.05)
+    FakeNER.batch_sizes.clear()
+    tasks = [{"id": i, "data": {"text": f"Name{i} went home"}} for i in range(8)]
+    started = time.monotonic()
+    response = client.post("/predict", json={"tasks": tasks, "label_config": config})
+    assert time.monotonic() - started < 2.0
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == 8
+    # About two forwards (0.2 s each, one task each) fit in the 0.5 s deadline: those tasks are answered.
+    answered = [i for i, r in enumerate(results) if r["result"]]
+    assert 1 <= len(answered) <= 3
+    assert all(results[i]["result"][0]["value"]["text"] == f"Name{i}" for i in answered)
+    for i in set(range(8)) - set(answered):
+        reason = f"task {i} (#{i}): prediction did not finish within its deadline (0.5 s, PREDICT_TIMEOUT_S)"
+        assert reason in caplog.text
+    time.sleep(1.0)  # what was still queued is skipped, not run for nobody (it would be 7 forwards by now)
+    assert len(FakeNER.batch_sizes) <= len(answered) + 1
+
+
 def test_interactive_call_with_context_is_answered(client) -> None:
     body = replay(client, "predict_interactive_with_context").json
     assert len(body["results"]) == 1
