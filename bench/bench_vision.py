@@ -76,30 +76,58 @@ def family_of(model: str) -> type[Any]:
 
 # COCO indices (torchvision's 91-entry category list) of the two labels the bench configs ask for.
 PLANTED_CLASSES = (1, 3)  # person, car
-# Logit added to those classes: random weights score every class ~1/91 (softmax heads) or ~0.01
-# (sigmoid heads with the focal-loss prior); +5 lifts person and car to ~0.4 (softmax) / ~0.6 (sigmoid).
-PLANTED_LOGIT = 5.0
+# Planted scores: softmax heads give person and car e^5 / (2 e^5 + 89) = 0.385 each; sigmoid heads
+# (RetinaNet, FCOS) sigmoid(0.4) = 0.6 against the focal-loss prior of 0.01 for the other classes.
+SOFTMAX_LOGIT = 5.0
+SIGMOID_LOGIT, SIGMOID_PRIOR = 0.4, -4.6
 # Tag threshold that lets planted boxes through; MAX_DETECTIONS then sets how many come back per image.
 PLANTED_THRESHOLD = 0.3
 
 
-def plant_classes(state_dict: dict[str, Any]) -> int:
-    """Raise person and car in every final classification layer of a random detector; return layers changed.
+def plant_classes(state_dict: dict[str, Any], kind: str = "") -> int:
+    """Make a random detector call every proposal a person or a car; return the layers changed.
 
-    Random weights find nothing: every class scores about the same, under the model's floor. Timing
-    post-processing needs boxes, so the benchmark plants a head that calls every proposal a person or
-    a car and lets MAX_DETECTIONS cap them per image, as real weights on busy images would.
+    Random weights find nothing useful: every class scores about the same (under the model's floor),
+    or one arbitrary class wins with degenerate boxes. Timing post-processing needs boxes, so the
+    benchmark zeroes the final classification layers' weights and sets their biases (scores no longer
+    depend on the image), zeroes the box regression (boxes are anchors or proposals of anchor size) and fills
+    Mask R-CNN masks (mask = box), then MAX_DETECTIONS caps the boxes per image, as real weights on
+    busy images would give.
     """
     changed = 0
-    for key, value in state_dict.items():
-        final = key.endswith(("cls_score.bias", "cls_logits.bias")) and not key.startswith("rpn.")
-        ssd = key.startswith("head.classification_head.module_list.") and key.endswith(".1.bias")
-        # Mask R-CNN: fill each planted box with its mask (a random mask head gives pixel noise).
-        mask = key.endswith("mask_fcn_logits.bias")
-        if (final or ssd or mask) and value.numel() % 91 == 0:
-            per_anchor = value.view(-1, 91)
-            per_anchor[:, list(PLANTED_CLASSES)] += PLANTED_LOGIT
-            changed += 1
+    for key in list(state_dict):
+        if not key.endswith(".bias"):
+            continue
+        layer = key[: -len(".bias")]
+        bias, weight = state_dict[key], state_dict.get(layer + ".weight")
+        if weight is None:
+            continue
+        if layer.endswith(("box_predictor.bbox_pred", "rpn.head.bbox_pred")):
+            weight.zero_()  # no regression: proposals are the anchors, boxes the proposals
+            bias.zero_()
+            continue
+        if layer.endswith("regression_head.bbox_reg") and "fcos" in kind:
+            weight.zero_()  # FCOS: each side one anchor size from the center
+            bias.fill_(1.0)
+            continue
+        if bias.numel() % 91:
+            continue
+        softmax = layer.endswith("cls_score") or (
+            layer.startswith("head.classification_head.module_list.") and layer.endswith(".1")
+        )
+        sigmoid = layer.endswith("cls_logits") and not layer.startswith("rpn.")
+        mask = layer.endswith("mask_fcn_logits")
+        if not (softmax or sigmoid or mask):
+            continue
+        weight.zero_()
+        per_anchor = bias.view(-1, 91)
+        if sigmoid:
+            per_anchor.fill_(SIGMOID_PRIOR)
+            per_anchor[:, list(PLANTED_CLASSES)] = SIGMOID_LOGIT
+        else:
+            per_anchor.zero_()
+            per_anchor[:, list(PLANTED_CLASSES)] = SOFTMAX_LOGIT
+        changed += 1
     return changed
 
 
@@ -120,7 +148,7 @@ def fill_random_weights(model: str, torch_home: Path, plant: bool = False) -> No
         kwargs["aux_loss"] = True
     net = tvm.get_model(model, weights=None, **kwargs)
     state = net.state_dict()
-    if plant and not plant_classes(state):
+    if plant and not plant_classes(state, model):
         raise SystemExit(f"--boxes: no COCO classification layer found in {model}")
     path = torch_home / "hub" / "checkpoints" / tv.model_info(model).file_name
     path.parent.mkdir(parents=True, exist_ok=True)
