@@ -1,15 +1,15 @@
 """Image decode for a model's working size: full decode + resize vs the reduced JPEG decode, side by side.
 
 Run: `python -m bench.bench_decode [--repeat N]`. For phone-sized photos (12 MP JPEG, EXIF-rotated)
-and a 640x480 JPEG, it times the data resolver's load_image followed by the backend's preprocess
-(what the thread pool does per task), without and with the model's shrink hint, for the default
-detector (Faster R-CNN, 800-pixel short side), SSDlite (320) and image classification (256).
+and a 640x480 JPEG, served by a local HTTP server, it times the data resolver's load_image followed
+by the backend's preprocess (what the thread pool does per task), without and with the model's
+shrink hint, for the default detector (Faster R-CNN, 800-pixel short side), SSDlite (320) and image
+classification (232). The download cache is off, so every call fetches and decodes.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import logging
 import sys
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backends.base import Backend, Item, ModelSpec, ObjectTag
 from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
+from bench.bench_e2e import serve_files
 from serving.data import ORIGINAL_SIZE, DataResolver
 from serving.lsclient import LabelStudioClient
 from serving.settings import Settings
@@ -40,8 +41,8 @@ class SizeOnly:
         self.transform = type("T", (), {"min_size": (min_size,), "max_size": max_size, "fixed_size": fixed})()
 
 
-def photo(width: int, height: int, orientation: int = 1) -> str:
-    """Return a photo-like JPEG (gradients and sensor noise) as a data: URI."""
+def photo(width: int, height: int, orientation: int = 1) -> bytes:
+    """Return a photo-like JPEG (gradients and sensor noise)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:height, :width]
     rgb = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 127 // (width + height)], axis=-1)
@@ -50,7 +51,7 @@ def photo(width: int, height: int, orientation: int = 1) -> str:
     exif[0x0112] = orientation
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=90, exif=exif.tobytes())
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
 def backends() -> dict[str, Backend]:
@@ -84,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(model_dir=tempfile.mkdtemp(), cache_max_bytes=0)
     resolver = DataResolver(settings, LabelStudioClient(settings))
     obj = ObjectTag("image", "Image", "image")
-    images = {"12 MP photo, EXIF 6": photo(4032, 3024, 6), "640x480 JPEG": photo(640, 480)}
+    files = {"photo.jpg": photo(4032, 3024, 6), "small.jpg": photo(640, 480)}
+    server, port, _ = serve_files(files)
+    base = f"http://127.0.0.1:{port}"
+    images = {"12 MP photo, EXIF 6": f"{base}/photo.jpg", "640x480 JPEG": f"{base}/small.jpg"}
     log.info(
         "%-20s %-20s %10s %10s %8s %s", "image", "model", "full ms", "reduced ms", "speed-up", "decoded at"
     )
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_full / t_reduced,
                 f"{decoded[0]}x{decoded[1]}",
             )
+    server.shutdown()
     return 0
 
 

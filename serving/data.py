@@ -556,6 +556,11 @@ def draft_for_model(im: Image.Image, shrink: Shrink | None) -> tuple[int, int] |
     return oriented if im.size != (width, height) else None
 
 
+def _b64decode_padded(text: str) -> bytes:
+    """Decode strict base64, adding the padding that some writers leave out."""
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB: alpha composited on white, 16-bit scaled, CMYK through its profile."""
     mode = im.mode
@@ -894,11 +899,14 @@ class DataResolver:
             raise InputError(f"data: URI holds about {estimate} bytes, over MAX_DOWNLOAD_BYTES={limit}")
         if is_b64:
             text = unquote(payload) if "%" in payload else payload
-            text = re.sub(r"\s+", "", text).replace("-", "+").replace("_", "/")
+            text = text.replace("-", "+").replace("_", "/")
             try:
-                body = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+                body = _b64decode_padded(text)
             except (binascii.Error, ValueError):
-                raise InputError("data: URI is marked base64 but is not valid base64") from None
+                try:  # line breaks or spaces inside (MIME style): drop them and try once more
+                    body = _b64decode_padded("".join(text.split()))
+                except (binascii.Error, ValueError):
+                    raise InputError("data: URI is marked base64 but is not valid base64") from None
         else:
             body = unquote_to_bytes(payload)
         if limit > 0 and len(body) > limit:

@@ -243,6 +243,11 @@ def test_data_uris(make: Make) -> None:
     uri = "data:image/png;base64," + base64.b64encode(RED_PNG).decode()
     assert resolver.load_image(uri).getpixel((3, 3)) == (255, 0, 0)
     assert resolver.load_image(uri.replace("base64,", "base64,\n")).size == (7, 5)  # wrapped base64
+    encoded = base64.b64encode(RED_PNG).decode()
+    mime = "\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))  # MIME line length
+    assert resolver.fetch_bytes("data:image/png;base64," + mime) == RED_PNG
+    urlsafe = base64.urlsafe_b64encode(RED_PNG).decode().rstrip("=")  # URL-safe alphabet, no padding
+    assert resolver.fetch_bytes("data:image/png;base64," + urlsafe) == RED_PNG
     assert resolver.load_text("data:text/plain,hello%20world") == "hello world"
     assert resolver.load_text("data:text/plain;charset=latin-1,caf%E9") == "café"
     assert resolver.load_text("data:,caf%C3%A9") == "café"
