@@ -549,7 +549,11 @@ def draft_for_model(im: Image.Image, shrink: Shrink | None) -> tuple[int, int] |
     except Exception:  # broken EXIF: orientation is ignored later too
         swapped = False
     oriented = (height, width) if swapped else (width, height)
-    scale = shrink(oriented)
+    try:
+        scale = float(shrink(oriented))
+    except Exception:  # a hint only: decode in full rather than fail the task
+        logger.debug("input_scale failed for a %dx%d image; decoding in full", *oriented, exc_info=True)
+        return None
     if not 0 < scale <= 0.5:  # libjpeg's smallest step is 1/2
         return None
     im.draft(im.mode, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))

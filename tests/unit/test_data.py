@@ -748,6 +748,11 @@ def test_jpeg_decodes_smaller_when_the_model_shrinks_it_and_keeps_the_shown_size
         assert full.size == (1200, 1600) and ORIGINAL_SIZE not in full.info
     assert ORIGINAL_SIZE not in make().load_image(url).info
 
+    def broken(size: tuple[int, int]) -> float:
+        raise RuntimeError("model not loaded")
+
+    assert make().load_image(url, shrink=broken).size == (1200, 1600)  # a hint only: full decode
+
 
 def test_png_is_never_decoded_smaller(make: Make, fake_ls: FakeLS) -> None:
     im = make().load_image(_serve(fake_ls, png_bytes(Image.new("RGB", (800, 600)))), shrink=lambda size: 0.1)
