@@ -25,7 +25,7 @@ from backends import _torchvision as tv
 from backends.base import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 from backends.detection import TorchvisionDetectorBase, link_sibling_labels
 from serving import regions
-from serving.rle import crop_to_rle
+from serving.rle import crops_to_rle
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +109,7 @@ class InstanceSegmentationBackend(TorchvisionDetectorBase):
         tag = target.control.tag
         tolerance = tv.float_option(target, "model_polygon_tolerance", DEFAULT_POLYGON_TOLERANCE_PX)
         items: list[dict[str, Any]] = []
+        brushes: list[tuple[np.ndarray, tuple[int, int], float, str | None]] = []
         for k in range(det.scores.shape[0]):
             score = float(det.scores[k])
             if score < target.threshold or det.masks is None or det.masks[k] is None:
@@ -118,9 +119,7 @@ class InstanceSegmentationBackend(TorchvisionDetectorBase):
                 continue
             x0, y0, crop = det.masks[k]  # type: ignore[misc]
             if tag in BRUSH_TAGS:
-                # Encoded from the crop: the same bytes as the full-size mask's RLE, without building it.
-                geometry = {"format": "rle", "rle": crop_to_rle(crop, (x0, y0), det.size)}
-                items.extend(regions.geometry_items(target, geometry, det.size, score, label))
+                brushes.append((crop, (x0, y0), score, label))
             elif tag in POLYGON_TAGS:
                 points = mask_polygon_px(crop, (x0, y0), tolerance)
                 if points is not None:
@@ -132,6 +131,12 @@ class InstanceSegmentationBackend(TorchvisionDetectorBase):
                     items.extend(
                         regions.ellipse_items(target, center, radii, rotation, det.size, score, label)
                     )
+        # Encoded from the crops, all masks of the image in one pass: the same bytes as each
+        # full-size mask's RLE, without building the full masks.
+        rles = crops_to_rle([(crop, offset) for crop, offset, _, _ in brushes], det.size)
+        for (_, _, score, label), rle in zip(brushes, rles, strict=True):
+            geometry = {"format": "rle", "rle": rle}
+            items.extend(regions.geometry_items(target, geometry, det.size, score, label))
         return items
 
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import base_rle_encode, encode_rle, mask2rle
 
-from serving.rle import crop_to_rle, encode_runs, mask_to_rle, rle_to_mask
+from serving.rle import crop_to_rle, crops_to_rle, encode_runs, mask_to_rle, rle_to_mask
 
 
 @st.composite
@@ -111,6 +111,38 @@ def test_crop_encoding_equals_the_full_mask(width: int, height: int, data: st.Da
     full[y0 : y0 + h, x0 : x0 + w] = crop
     assert crop_to_rle(crop, (x0, y0), (width, height)) == mask_to_rle(full)
     assert crop_to_rle(crop > 0, (x0, y0), (width, height)) == mask_to_rle((full > 0).astype(np.uint8) * 255)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 6), st.data())
+def test_many_crops_encoded_together_equal_each_encoded_alone(
+    width: int, height: int, count: int, data: st.DataObject
+) -> None:
+    """crops_to_rle packs all masks of an image in one pass: each RLE is still that mask's own, byte for byte."""
+    crops = []
+    for _ in range(count):
+        h, w = data.draw(st.integers(1, height)), data.draw(st.integers(1, width))
+        y0, x0 = data.draw(st.integers(0, height - h)), data.draw(st.integers(0, width - w))
+        seed = data.draw(st.integers(0, 2**32 - 1))
+        density = data.draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]))  # empty, sparse, noisy, solid
+        crops.append(((np.random.default_rng(seed).random((h, w)) < density) * np.uint8(255), (x0, y0)))
+    together = crops_to_rle(crops, (width, height))
+    assert together == [crop_to_rle(crop, offset, (width, height)) for crop, offset in crops]
+    for (crop, (x0, y0)), rle in zip(crops, together, strict=True):
+        full = np.zeros((height, width), dtype=np.uint8)
+        full[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
+        assert rle == mask2rle(full)
+
+
+def test_many_long_runs_in_one_pass() -> None:
+    """Masks whose background runs exceed 65536 RGBA values (split into pieces) pack together correctly."""
+    crops = [(np.full((5, 7), 255, np.uint8), (100, 200)), (np.zeros((3, 3), np.uint8), (0, 0))]
+    crops.append((np.eye(30, dtype=np.uint8) * 255, (600, 400)))
+    for (crop, (x0, y0)), rle in zip(crops, crops_to_rle(crops, (640, 480)), strict=True):
+        full = np.zeros((480, 640), dtype=np.uint8)
+        full[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
+        assert rle == mask2rle(full)
+    assert crops_to_rle([], (640, 480)) == []
 
 
 def test_crop_outside_the_image_is_refused() -> None:
