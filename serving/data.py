@@ -58,9 +58,9 @@ CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://")
 LS_PATH_PREFIXES = ("/data/", "/storage-data/")
 DNS_CACHE_S = 30.0
 USER_AGENT = "ls-ml-server/0.1 (Label Studio ML backend)"
-# Formats Pillow may open: common raster formats only (no EPS, which would run Ghostscript, nor exotic parsers).
 # Given an image's (width, height) as shown, the scale its model resizes it to (<= 1 means shrink).
 Shrink = Callable[[tuple[int, int]], float]
+# Formats Pillow may open: common raster formats only (no EPS, which would run Ghostscript, nor exotic parsers).
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "AVIF")
 
 # Cloud instance metadata endpoints: refused whatever the settings (AWS, GCP, Azure, Alibaba, Oracle).
