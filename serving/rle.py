@@ -11,6 +11,7 @@ Each mask pixel becomes four equal RGBA values, so every run of the mask is four
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -18,13 +19,13 @@ import numpy as np
 
 _WORD_BITS = 8
 _RLE_SIZES = (3, 4, 8, 16)
-_MAX_PIECE = 1 << 16
 # Scratch buffers up to this size are kept per thread (a 4K mask needs about 10 MB).
 _SCRATCH_MAX_BYTES = 16 * 1024 * 1024
 _local = threading.local()
+# Past one changed word in this many, a byte-wise scan of the whole mask beats gathering the words.
+_DENSE_WORDS = 8
 _LEN_BITS = np.asarray(_RLE_SIZES, dtype=np.int64)
 _RLE_FIELD = int("".join(f"{size - 1:04b}" for size in _RLE_SIZES), 2)
-_HEADER_FIELD_BITS = np.array([32, 5, 16], dtype=np.int64)
 
 
 def _as_uint8_mask(mask: np.ndarray) -> np.ndarray:
@@ -57,34 +58,38 @@ def _scratch(nbytes: int) -> np.ndarray:
 def _run_ends(flat: np.ndarray) -> np.ndarray:
     """Return the index of the last element of every run of equal values in a 1-D uint8 array."""
     n = flat.size
-    # Byte-wise "differs from the next byte", padded to whole 32-bit words so that the few words
-    # holding a change are found first: masks are mostly long runs, and scanning 4x fewer
-    # elements is what makes this step cheap.
-    padded = (n + 3) // 4 * 4
-    n_words = padded // 4
-    buf = _scratch(padded + n_words)
-    change = buf[:padded].view(np.bool_)
-    np.not_equal(flat[1:], flat[:-1], out=change[: n - 1])
-    change[n - 1 :] = False
-    change[n - 1] = True  # the last element always ends a run
-    word_hit = buf[padded : padded + n_words].view(np.bool_)
-    np.not_equal(change.view(np.uint32), 0, out=word_hit)
-    hit_words = np.flatnonzero(word_hit)
-    if hit_words.size * 4 > n_words:
-        # Changes are dense (noise-like masks): one scan of the byte flags is cheaper than the gather.
-        return np.flatnonzero(change[:n])
-    rows, cols = np.nonzero(change.reshape(-1, 4)[hit_words])
-    return hit_words[rows] * 4 + cols
+    n_words = (n - 1) // 8
+    # Compare the array with itself shifted by one byte, eight bytes per uint64: word k differs when a
+    # run ends at one of the bytes 8k..8k+7. Masks are mostly long runs, so one pass over 8x fewer
+    # elements finds the few words worth a byte-wise look.
+    after = flat[1 : 1 + n_words * 8].view(np.uint64)
+    before = flat[: n_words * 8].view(np.uint64)
+    buf = _scratch(n_words + n).view(np.bool_)
+    differs = buf[:n_words]
+    np.not_equal(after, before, out=differs)
+    hit = np.flatnonzero(differs)
+    if hit.size * _DENSE_WORDS > n_words:
+        # Changes are dense (noise-like masks): one byte-wise scan is cheaper than the gather.
+        change = buf[n_words : n_words + n]
+        np.not_equal(flat[1:], flat[:-1], out=change[:-1])
+        change[-1] = True  # the last element always ends a run
+        return np.flatnonzero(change)
+    # Byte offsets inside the changed words, then the bytes after the last whole word.
+    at = np.flatnonzero(after[hit].view(np.uint8) != before[hit].view(np.uint8))
+    tail = n_words * 8
+    return np.concatenate(
+        [hit[at >> 3] * 8 + (at & 7), np.flatnonzero(flat[tail + 1 :] != flat[tail:-1]) + tail, [n - 1]]
+    )
 
 
-def _length_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Return, for run lengths 0..256 of short runs, the chunk code without its value and its width."""
-    lengths = np.arange(257, dtype=np.int64)
-    idx = (lengths > 8).astype(np.int64) + (lengths > 16)
-    len_bits = _LEN_BITS[idx]
-    is_series = (lengths > 1).astype(np.int64)
-    codes = (is_series << (len_bits + 10)) | (idx << (len_bits + 8)) | (np.maximum(lengths - 1, 0) << 8)
-    return codes, len_bits + 11
+def _run_lengths(ends: np.ndarray) -> np.ndarray:
+    """Return the RGBA length of each run (four values per pixel) from the run ends."""
+    lengths = np.empty_like(ends)
+    if ends.size:
+        lengths[0] = ends[0] + 1
+        np.subtract(ends[1:], ends[:-1], out=lengths[1:])
+        lengths <<= 2
+    return lengths
 
 
 def encode_runs(values: np.ndarray, lengths: np.ndarray, num: int) -> list[int]:
@@ -93,92 +98,141 @@ def encode_runs(values: np.ndarray, lengths: np.ndarray, num: int) -> list[int]:
 
 
 def encode_runs_many(runs: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> list[list[int]]:
-    """Encode several masks' runs (values, lengths, num) in one vectorised pass; one RLE per mask.
-
-    The numpy calls cost the same for 1 or 20 masks, and a Mask R-CNN image has tens of them: each
-    mask's fields (header, then one chunk per run) go into one bit stream in which every mask starts
-    on a 32-bit word, are packed together, and the bytes are cut back per mask.
-    """
-    n_masks = len(runs)
-    if n_masks == 0:
+    """Encode several masks' runs (values, lengths, num) in one vectorised pass; one RLE per mask."""
+    if not runs:
         return []
-    counts = np.fromiter((len(r[0]) for r in runs), dtype=np.int64, count=n_masks)
-    values = np.concatenate([np.asarray(r[0], dtype=np.int64) for r in runs])
-    lengths = np.concatenate([np.asarray(r[1], dtype=np.int64) for r in runs])
-    nums = np.fromiter((r[2] for r in runs), dtype=np.int64, count=n_masks)
-    owner = np.repeat(np.arange(n_masks), counts)
-    long_run = lengths > 256
-    # Runs over 256 are written as 16-bit pieces, every piece flagged as a series (even a last piece
-    # of length 1): (L-1) // 65536 full pieces of 65536, then the remainder.
-    full = np.maximum(lengths - 1, 0) >> 16
-    last_len = lengths - (full << 16)
-    short = np.minimum(lengths, 256)
-    codes = np.where(long_run, _LONG_PREFIX | ((last_len - 1) << 8), _SHORT_CODE[short]) | values
-    nbits = np.where(long_run, _LONG_BITS, _SHORT_BITS[short])
-    if full.any():
-        pieces = full + 1
-        is_last = np.zeros(int(pieces.sum()), dtype=bool)
-        is_last[np.cumsum(pieces) - 1] = True
-        all_codes = np.empty(is_last.size, dtype=np.int64)
-        all_codes[is_last] = codes
-        all_codes[~is_last] = np.repeat(_FULL_PIECE | values, full)
-        all_bits = np.full(is_last.size, _LONG_BITS, dtype=np.int64)
-        all_bits[is_last] = nbits
-        codes, nbits, owner = all_codes, all_bits, np.repeat(owner, pieces)
-    # Each mask: its 3 header fields, then its chunks.
-    per_mask = np.bincount(owner, minlength=n_masks) + 3
-    first = np.cumsum(per_mask) - per_mask
-    header = np.zeros(int(per_mask.sum()), dtype=bool)
-    header[(first[:, None] + np.arange(3)).ravel()] = True
-    field_codes = np.empty(header.size, dtype=np.int64)
-    field_bits = np.empty(header.size, dtype=np.int64)
-    field_codes[header] = np.column_stack(
-        [nums, np.full(n_masks, _WORD_BITS - 1), np.full(n_masks, _RLE_FIELD)]
-    ).ravel()
-    field_bits[header] = np.tile(_HEADER_FIELD_BITS, n_masks)
-    field_codes[~header] = codes
-    field_bits[~header] = nbits
-    field_owner = np.repeat(np.arange(n_masks), per_mask)
-    # Bit offsets: inside each mask's stream, then shifted to that mask's word-aligned slot.
-    ends = np.cumsum(field_bits)
-    mask_start = ends[first] - field_bits[first]
-    mask_bits = ends[first + per_mask - 1] - mask_start
+    if len(runs) == 1:
+        values, lengths = np.asarray(runs[0][0]), np.asarray(runs[0][1], dtype=np.int64)
+    else:
+        values = np.concatenate([np.asarray(r[0], dtype=np.int64) for r in runs])
+        lengths = np.concatenate([np.asarray(r[1], dtype=np.int64) for r in runs])
+    counts = np.fromiter((len(r[0]) for r in runs), dtype=np.int64, count=len(runs))
+    nums = np.fromiter((r[2] for r in runs), dtype=np.int64, count=len(runs))
+    return _encode(values, lengths, counts, nums)
+
+
+def _encode(values: np.ndarray, lengths: np.ndarray, counts: np.ndarray, nums: np.ndarray) -> list[list[int]]:
+    """Encode the runs of several masks, concatenated (`counts` runs each), as one RLE per mask.
+
+    The numpy calls cost the same for 1 or 20 masks, and a Mask R-CNN image has tens of them: every
+    mask's stream (header, then one chunk per run) starts on a 32-bit word of one shared stream, the
+    fields are packed together, and the bytes are cut back per mask.
+    """
+    n_masks = counts.size
+    # One chunk per run from the tables; runs over 256 get the 16-bit length field. Noise-like masks
+    # have millions of runs, so the steps below work in place where they can.
+    index = np.minimum(lengths, _LONG)
+    codes = _CODE[index]
+    codes |= values
+    nbits = _BITS[index]
+    long_runs = np.flatnonzero(index == _LONG)
+    del index
+    # A long run is written as (L-1) // 65536 full pieces of 65536, then the remainder, every piece
+    # flagged as a series (even a last piece of length 1). The full pieces come first.
+    long_len = lengths[long_runs]
+    full = (long_len - 1) >> 16
+    codes[long_runs] |= (long_len - (full << 16) - 1) << 8
+    nbits[long_runs] += full * _LONG_BITS
+    # Bit offsets of the chunks inside their mask's stream (after the header), then in the shared one.
+    starts = np.cumsum(nbits)
+    if n_masks == 1:
+        mask_end = starts[-1:] if starts.size else np.zeros(1, dtype=np.int64)
+        before = np.zeros(1, dtype=np.int64)
+    else:
+        bounds = np.cumsum(counts)
+        # starts is still the running end: a mask ends where its last run does (or, without runs,
+        # where the previous mask did).
+        mask_end = starts[bounds - 1] if starts.size else np.zeros(n_masks, dtype=np.int64)
+        mask_end[bounds == 0] = 0
+        before = np.zeros(n_masks, dtype=np.int64)
+        before[1:] = mask_end[:-1]
+    mask_bits = mask_end - before + _HEADER_BITS
+    starts -= nbits
     padded = mask_bits + _WORD_BITS - mask_bits % _WORD_BITS  # the SDK always adds 1..8 zero bits
     slot = (padded + 31) // 32 * 32
     base = np.cumsum(slot) - slot
-    starts = ends - field_bits - mask_start[field_owner] + base[field_owner]
-    stream = _pack(field_codes, field_bits, starts, int(slot.sum()) // 32)
+    shift = base + _HEADER_BITS - before
+    starts += shift[0] if n_masks == 1 else np.repeat(shift, counts)
+    # The last piece of a long run follows its full pieces.
+    has_full = np.flatnonzero(full)
+    if has_full.size:
+        per_run = full[has_full]
+        # Pieces are 27 bits each, back to back: the k-th piece overall, less the pieces of earlier runs.
+        group_start = np.cumsum(per_run) - per_run
+        piece_starts = np.repeat(starts[long_runs[has_full]] - _LONG_BITS * group_start, per_run)
+        piece_starts += _LONG_BITS * np.arange(piece_starts.size)
+        piece_codes = np.repeat(_FULL_PIECE | values[long_runs[has_full]].astype(np.int64), per_run)
+        starts[long_runs] += full * _LONG_BITS
+        nbits[long_runs] -= full * _LONG_BITS
+        if codes.size < _SPLIT_PACK:
+            codes = np.concatenate([codes, piece_codes])
+            nbits = np.concatenate([nbits, np.full(piece_starts.size, _LONG_BITS, dtype=np.int64)])
+            starts = np.concatenate([starts, piece_starts])
+    n_words = int(slot.sum()) // 32
+    words = _pack(codes, nbits, starts, n_words)
+    if has_full.size and codes.size >= _SPLIT_PACK:
+        # Big arrays are not copied to append the few pieces: those are packed on their own.
+        words += _pack(
+            piece_codes, np.full(piece_starts.size, _LONG_BITS, dtype=np.int64), piece_starts, n_words
+        )
+    # The header sits at the start of each mask's slot: the value count fills the first 32-bit word,
+    # the word size and run-length field sizes (21 bits) open the second.
+    first_word = base // 32
+    words[first_word] += nums
+    words[first_word + 1] += _HEADER_REST
+    stream = words[:n_words].astype(">u4").tobytes()
     return [
         list(stream[b : b + p]) for b, p in zip((base // 8).tolist(), (padded // 8).tolist(), strict=True)
     ]
 
 
-def _pack(codes: np.ndarray, nbits: np.ndarray, starts: np.ndarray, n_words: int) -> bytes:
-    """Write each field (`nbits` wide, at most 32) MSB-first at its bit offset; return the bytes."""
-    ends = starts + nbits
+def _pack(codes: np.ndarray, nbits: np.ndarray, starts: np.ndarray, n_words: int) -> np.ndarray:
+    """Return 32-bit words (as float64) holding each field (`nbits` wide, at most 32) MSB-first at its bit offset.
+
+    Consumes `codes`: it is shifted in place.
+    """
     word_idx = starts >> 5
     # Place each field left-aligned at its bit offset inside a 64-bit window over two 32-bit words.
-    window = codes.astype(np.uint64) << (64 - ends + (word_idx << 5)).astype(np.uint64)
-    # Fields never overlap, so summing (exact in float64 below 2**53) is the same as OR-ing.
-    words = np.bincount(word_idx, weights=(window >> _U32).astype(np.float64), minlength=n_words + 2)
-    words[1:] += np.bincount(word_idx, weights=(window & _LOW32).astype(np.float64), minlength=n_words + 2)[
-        :-1
-    ]
-    return words[:n_words].astype(">u4").tobytes()
+    shift = starts & 31
+    shift += nbits
+    np.subtract(64, shift, out=shift)
+    window = codes.view(np.uint64)
+    np.left_shift(window, shift.view(np.uint64), out=window)
+    del shift
+    # Fields never overlap, so summing (exact in float64 below 2**53) is the same as OR-ing. The
+    # window's 32-bit halves (little-endian: low, high) are read as strided views, not computed.
+    halves = window.view(np.uint32)
+    high, low = (halves[1::2], halves[::2]) if _LITTLE_ENDIAN else (halves[::2], halves[1::2])
+    words = np.bincount(word_idx, weights=high.astype(np.float64), minlength=n_words + 2)
+    words = words.astype(np.float64, copy=False)  # bincount of no fields at all gives int64
+    words[1:] += np.bincount(word_idx, weights=low.astype(np.float64), minlength=n_words + 2)[:-1]
+    return words
 
 
-def _header(num: int) -> np.ndarray:
-    """Return the header fields: value count, word size - 1, the four run-length field sizes - 1."""
-    return np.array([num, _WORD_BITS - 1, _RLE_FIELD], dtype=np.int64)
+def _length_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Return, by run length 0..256 (and 257 for any longer run), the chunk code without its value and its width."""
+    lengths = np.arange(_LONG + 1, dtype=np.int64)
+    idx = (lengths > 8).astype(np.int64) + (lengths > 16) + (lengths > 256)
+    len_bits = _LEN_BITS[idx]
+    is_series = (lengths > 1).astype(np.int64)
+    codes = (is_series << (len_bits + 10)) | (idx << (len_bits + 8)) | (np.maximum(lengths - 1, 0) << 8)
+    # A long run's length field is filled in per run.
+    codes[_LONG] = (1 << 26) | (3 << 24)
+    return codes, len_bits + 11
 
 
-_SHORT_CODE, _SHORT_BITS = _length_tables()
+# Index of "longer than 256" in the chunk tables.
+_LONG = 257
+_CODE, _BITS = _length_tables()
 # A piece of a long run: series flag 1, field index 3 (16-bit length), then length - 1 and the value.
-_LONG_PREFIX = (1 << 26) | (3 << 24)
 _LONG_BITS = 27
-_FULL_PIECE = _LONG_PREFIX | (0xFFFF << 8)
-_U32 = np.uint64(32)
-_LOW32 = np.uint64(0xFFFFFFFF)
+_FULL_PIECE = int(_CODE[_LONG]) | (0xFFFF << 8)
+_HEADER_BITS = 32 + 5 + 16
+# Word size - 1 (5 bits), then the run-length field sizes (16 bits), left-aligned in a 32-bit word.
+_HEADER_REST = float(((_WORD_BITS - 1) << 16 | _RLE_FIELD) << (32 - 21))
+# Below this many chunks, appending the long runs' pieces costs less than packing them apart.
+_SPLIT_PACK = 1 << 16
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
@@ -191,8 +245,7 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     if flat.size == 0:
         return encode_runs(np.empty(0, np.int64), np.empty(0, np.int64), 0)
     ends = _run_ends(flat)
-    lengths = np.diff(ends, prepend=-1) * 4
-    return encode_runs(flat[ends], lengths, flat.size * 4)
+    return encode_runs(flat[ends], _run_lengths(ends), flat.size * 4)
 
 
 def crop_to_rle(crop: np.ndarray, offset_xy: tuple[int, int], size: tuple[int, int]) -> list[int]:
@@ -208,54 +261,95 @@ def crop_to_rle(crop: np.ndarray, offset_xy: tuple[int, int], size: tuple[int, i
 def crops_to_rle(
     crops: Sequence[tuple[np.ndarray, tuple[int, int]]], size: tuple[int, int]
 ) -> list[list[int]]:
-    """Encode several (crop, offset_xy) masks of one (width, height) image; one RLE each, packed together."""
+    """Encode several (crop, offset_xy) masks of one (width, height) image; one RLE each.
+
+    All crops are scanned and packed together: a Mask R-CNN image has tens of masks, and per-mask numpy
+    calls, not pixels, were the cost. Each crop's rows, extended by one background pixel on each side,
+    go into one buffer; the runs outside those segments are background, except at row junctions
+    where a crop touches the image's left or right edge.
+    """
     width, height = size
     if width * height == 0:
         return [[] for _ in crops]
-    return encode_runs_many([_crop_runs(crop, offset_xy, size) for crop, offset_xy in crops])
-
-
-def _crop_runs(
-    crop: np.ndarray, offset_xy: tuple[int, int], size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Return the runs (values, RGBA lengths, RGBA count) of a crop placed in an empty image."""
-    arr = _as_uint8_mask(crop)
-    width, height = size
-    x0, y0 = offset_xy
-    h, w = arr.shape
+    if not crops:
+        return []
     n = width * height
-    if h == 0 or w == 0 or not arr.any():
-        return np.zeros(1, dtype=np.int64), np.array([n * 4], dtype=np.int64), n * 4
-    if x0 < 0 or y0 < 0 or x0 + w > width or y0 + h > height:
-        raise ValueError(f"crop {w}x{h} at {offset_xy} does not fit a {width}x{height} image")
-    # Row segments [a, b) of the full image: the crop plus its background neighbours.
-    a, b = max(0, x0 - 1), min(width, x0 + w + 1)
-    seg = b - a
-    ext = np.zeros((h, seg), dtype=np.uint8)
-    ext[:, x0 - a : x0 - a + w] = arr
-    # Changes inside each row segment (a change at a segment's last pixel is a row junction: not here).
-    q = _run_ends(ext.ravel())
-    q = q[q % seg != seg - 1]
-    rows, cols = np.divmod(q, seg)
-    inner = (y0 + rows) * width + a + cols
-    # Junctions between the last pixel of row y-1 and the first of row y, for the rows around the crop.
-    ys = np.arange(max(1, y0), min(height - 1, y0 + h) + 1, dtype=np.int64)
-    last = np.zeros(ys.size, dtype=np.uint8)
-    first = np.zeros(ys.size, dtype=np.uint8)
-    if x0 + w == width:
-        inside = (ys - 1 >= y0) & (ys - 1 < y0 + h)
-        last[inside] = arr[ys[inside] - 1 - y0, -1]
-    if x0 == 0:
-        inside = (ys >= y0) & (ys < y0 + h)
-        first[inside] = arr[ys[inside] - y0, 0]
-    junctions = ys[last != first] * width - 1
-    ends = np.concatenate([np.sort(np.concatenate([inner, junctions])), np.array([n - 1], dtype=np.int64)])
-    # The value at each run end: the crop's where it lies inside the crop, else background.
-    ry, rx = np.divmod(ends, width)
-    values = np.zeros(ends.size, dtype=np.int64)
-    inside = (ry >= y0) & (ry < y0 + h) & (rx >= x0) & (rx < x0 + w)
-    values[inside] = arr[ry[inside] - y0, rx[inside] - x0]
-    return values, np.diff(ends, prepend=-1) * 4, n * 4
+    n_crops = len(crops)
+    arrays: list[np.ndarray] = []
+    # Per crop: x0, y0, h, w, the segment start a and width, and where its rows start in the buffer.
+    geometry = np.zeros((n_crops, 7), dtype=np.int64)
+    total = 0
+    for k, (crop, (x0, y0)) in enumerate(crops):
+        arr = _as_uint8_mask(crop)
+        h, w = arr.shape
+        if x0 < 0 or y0 < 0 or x0 + w > width or y0 + h > height:
+            if arr.any():
+                raise ValueError(f"crop {w}x{h} at {(x0, y0)} does not fit a {width}x{height} image")
+            h = w = 0  # an empty crop is background wherever it was placed
+        a = max(0, x0 - 1)
+        seg = min(width, x0 + w + 1) - a if h and w else 1
+        geometry[k] = (x0, y0, h, w, a, seg, total)
+        arrays.append(arr)
+        total += h * seg if w else 0
+    x0s, y0s, hs, ws, segs_a, segs, offsets = geometry.T
+    buffer = np.zeros(total, dtype=np.uint8)
+    for k, arr in enumerate(arrays):
+        x0, _, h, w, a, seg, offset = geometry[k].tolist()
+        if h and w:
+            buffer[offset : offset + h * seg].reshape(h, seg)[:, x0 - a : x0 - a + w] = arr
+    # Changes inside each row segment (one at a segment's last pixel is a row junction: not here).
+    q = _run_ends(buffer) if total else np.empty(0, dtype=np.int64)
+    owner = np.searchsorted(offsets, q, side="right") - 1
+    seg_q = segs[owner]
+    rows, cols = np.divmod(q - offsets[owner], seg_q)
+    inside_segment = cols != seg_q - 1
+    owner, q = owner[inside_segment], q[inside_segment]
+    positions = (y0s[owner] + rows[inside_segment]) * width + segs_a[owner] + cols[inside_segment]
+    values = buffer[q].astype(np.int64)
+    # Row junctions and the image's last pixel, per crop: few values, straight from the crops.
+    extra_owner, extra_pos, extra_val = [], [], []
+    for k, arr in enumerate(arrays):
+        x0, y0, h, w = geometry[k, :4].tolist()
+        if not (h and w):
+            continue
+        if x0 == 0 or x0 + w == width:
+            ys = np.arange(max(1, y0), min(height - 1, y0 + h) + 1, dtype=np.int64)
+            last = np.zeros(ys.size, dtype=np.int64)  # the pixel ending row y-1
+            first = np.zeros(ys.size, dtype=np.int64)  # the pixel opening row y
+            if x0 + w == width:
+                ok = (ys - 1 >= y0) & (ys - 1 < y0 + h)
+                last[ok] = arr[ys[ok] - 1 - y0, -1]
+            if x0 == 0:
+                ok = (ys >= y0) & (ys < y0 + h)
+                first[ok] = arr[ys[ok] - y0, 0]
+            differ = last != first
+            extra_owner.append(np.full(int(differ.sum()), k, dtype=np.int64))
+            extra_pos.append(ys[differ] * width - 1)
+            extra_val.append(last[differ])
+    final_val = np.zeros(n_crops, dtype=np.int64)
+    corner = (x0s + ws == width) & (y0s + hs == height) & (hs > 0) & (ws > 0)
+    for k in np.flatnonzero(corner).tolist():
+        final_val[k] = arrays[k][-1, -1]
+    if extra_owner:
+        # Junctions break the (crop, position) order: sort it back.
+        owner = np.concatenate([owner, *extra_owner, np.arange(n_crops)])
+        positions = np.concatenate([positions, *extra_pos, np.full(n_crops, n - 1, dtype=np.int64)])
+        values = np.concatenate([values, *extra_val, final_val])
+        order = np.lexsort((positions, owner))
+        owner, positions, values = owner[order], positions[order], values[order]
+    else:
+        # Each crop's image-wide last pixel closes its list of run ends.
+        at = np.searchsorted(owner, np.arange(n_crops), side="right")
+        owner = np.insert(owner, at, np.arange(n_crops))
+        positions = np.insert(positions, at, n - 1)
+        values = np.insert(values, at, final_val)
+    counts = np.bincount(owner, minlength=n_crops)
+    lengths = np.empty_like(positions)
+    lengths[1:] = positions[1:] - positions[:-1]
+    first_run = np.cumsum(counts) - counts
+    lengths[first_run] = positions[first_run] + 1
+    lengths <<= 2
+    return _encode(values, lengths, counts, np.full(n_crops, n * 4, dtype=np.int64))
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:

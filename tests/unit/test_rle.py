@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import base_rle_encode, encode_rle, mask2rle
 
-from serving.rle import crop_to_rle, crops_to_rle, encode_runs, mask_to_rle, rle_to_mask
+from serving.rle import crop_to_rle, crops_to_rle, encode_runs, encode_runs_many, mask_to_rle, rle_to_mask
 
 
 @st.composite
@@ -149,3 +149,53 @@ def test_crop_outside_the_image_is_refused() -> None:
     """A crop that does not fit its image is an error, not a silently wrong mask."""
     with pytest.raises(ValueError):
         crop_to_rle(np.ones((3, 3), np.uint8), (8, 0), (10, 10))
+
+
+def test_a_single_change_anywhere_in_the_row_is_found() -> None:
+    """Runs are found eight bytes at a time: a change at any offset from a word boundary, or in the tail, counts."""
+    for n in (1, 2, 7, 8, 9, 15, 16, 17, 31, 33):
+        for at in range(n):
+            mask = np.zeros((1, n), dtype=np.uint8)
+            mask[0, at:] = 200
+            assert mask_to_rle(mask) == mask2rle(mask), (n, at)
+
+
+@pytest.mark.parametrize("changes", [1, 20, 60, 120, 400, 2000])
+def test_sparse_and_dense_changes_take_either_scan_and_agree(changes: int) -> None:
+    """A 64x64 mask with few or many value changes (gathered words vs whole byte scan) encodes as the SDK does."""
+    rng = np.random.default_rng(changes)
+    flat = np.zeros(64 * 64, dtype=np.uint8)
+    flat[rng.choice(flat.size, changes, replace=False)] = rng.integers(1, 256, changes, dtype=np.uint8)
+    mask = np.maximum.accumulate(flat).reshape(64, 64)  # steps up at each change: long runs between
+    assert mask_to_rle(mask) == mask2rle(mask)
+
+
+def test_noise_over_long_background_packs_its_pieces_apart() -> None:
+    """Over 65536 chunks plus long runs split into pieces (packed separately from the big arrays)."""
+    mask = np.zeros((360, 1920), dtype=np.uint8)
+    mask[:80] = (np.random.default_rng(3).random((80, 1920)) < 0.5) * np.uint8(255)
+    rle = mask_to_rle(mask)
+    assert rle == mask2rle(mask)
+    np.testing.assert_array_equal(rle_to_mask(rle, 360, 1920), mask)
+
+
+def test_a_mask_without_runs_between_others_keeps_its_place() -> None:
+    """encode_runs_many with an empty mask in the middle gives each mask its own stream."""
+    first = (np.array([0, 255]), np.array([40, 4]), 44)
+    empty = (np.empty(0, np.int64), np.empty(0, np.int64), 0)
+    last = (np.array([7]), np.array([70000]), 70000)
+    assert encode_runs_many([first, empty, last]) == [
+        encode_runs(*first),
+        encode_runs(*empty),
+        encode_runs(*last),
+    ]
+    assert encode_runs(*empty) == [
+        0,
+        0,
+        0,
+        0,
+        57,
+        27,
+        248,
+    ]  # the header alone: no values, word size, field sizes
+    assert encode_runs(*last) == encode_rle(np.full(70000, 7, np.uint8))
