@@ -297,7 +297,7 @@ class SemanticSegmentationBackend(tv.TorchvisionWeights, Backend):
         """Emit one brush region per class present whose mean confidence reaches the threshold."""
         seg: SemanticOutput = output
         decide = tv.RegionLabels(target, self.labels())
-        items: list[dict[str, Any]] = []
+        brushes: list[tuple[np.ndarray, tuple[int, int], float, str | None]] = []
         for cls_index, score in sorted(seg.class_scores.items()):
             name = self.categories[cls_index] if cls_index < len(self.categories) else ""
             if not name or name.casefold() in tv.BACKGROUND_NAMES or score < target.threshold:
@@ -306,6 +306,18 @@ class SemanticSegmentationBackend(tv.TorchvisionWeights, Backend):
             if not emit:
                 continue
             mask = seg.class_map == cls_index
-            if mask.any():
-                items.extend(regions.brush_items(target, mask, score, label))
+            rows = np.flatnonzero(mask.any(axis=1))
+            if rows.size == 0:
+                continue
+            # Encoded from the class's bounding box: the RLE scan then skips the rows and columns
+            # the class is absent from, and all classes of the image are packed in one pass.
+            band = mask[rows[0] : rows[-1] + 1]
+            cols = np.flatnonzero(band.any(axis=0))
+            brushes.append((band[:, cols[0] : cols[-1] + 1], (int(cols[0]), int(rows[0])), score, label))
+        height, width = seg.class_map.shape
+        rles = crops_to_rle([(crop, offset) for crop, offset, _, _ in brushes], (width, height))
+        items: list[dict[str, Any]] = []
+        for (_, _, score, label), rle in zip(brushes, rles, strict=True):
+            geometry = {"format": "rle", "rle": rle}
+            items.extend(regions.geometry_items(target, geometry, (width, height), score, label))
         return items
