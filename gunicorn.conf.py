@@ -15,3 +15,14 @@ timeout = 120
 graceful_timeout = 30
 accesslog = "-"
 loglevel = _settings.log_level.lower()
+
+
+def worker_exit(server: object, worker: object) -> None:
+    """On a worker's exit, let batch jobs and forwards in progress end (within graceful_timeout)."""
+    from flask import Flask
+
+    from serving.app import shutdown
+
+    app = getattr(worker, "wsgi", None)
+    if isinstance(app, Flask):
+        shutdown(app, timeout=graceful_timeout - 5)

@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: run_app(client, config, texts, args.clients), device
     )
     regions = sum(len(r["result"]) for r in app_results)
+    runtime.close()
 
     for name, rate in rows.items():
         log.info("%-24s %10.1f texts/s", name, rate)

@@ -215,6 +215,7 @@ def app_throughput(
     body = resp.get_json()
     assert resp.status_code == 200 and len(body["results"]) == len(tasks), body
     regions = sum(len(r["result"]) for r in body["results"])
+    app.extensions["lsml_model"].runtime.close()
     return len(tasks) / elapsed, regions
 
 

@@ -232,3 +232,14 @@ def create_app(
     runtime.warmup()
     log.info("app ready; settings: %s", settings.redacted())
     return app
+
+
+def shutdown(app: Flask, timeout: float = 20.0) -> None:
+    """Stop batch jobs after their current chunk, then the model threads; wait up to `timeout` s in all."""
+    deadline = time.monotonic() + timeout
+    manager = app.extensions.get("lsml_jobs")
+    if manager is not None:
+        manager.close(timeout)
+    model = app.extensions.get("lsml_model")
+    if model is not None:
+        model.runtime.close(max(0.0, deadline - time.monotonic()))

@@ -88,9 +88,16 @@ class Batcher:
             ) from None
         return future
 
-    def close(self) -> None:
-        """Stop the model thread after the items already queued."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the model thread after the items already queued; wait up to `timeout` s for it to end."""
         self._stop.set()
+        if timeout is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the model thread is still running."""
+        return self._thread.is_alive()
 
     def _gather(self) -> list[tuple[Any, Future[Any]]]:
         try:

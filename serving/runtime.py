@@ -457,12 +457,21 @@ class Runtime:
             items.extend(slot.backend.postprocess(output, target, item))
         return items
 
-    def close(self) -> None:
-        """Stop the model threads and the pool."""
-        for slot in list(self._slots.values()):
-            if slot.batcher is not None:
-                slot.batcher.close()
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the model threads and the pool; wait up to `timeout` s in all for the model threads.
+
+        Waiting lets a forward in progress end before the interpreter does: a process exiting under
+        a running torch thread aborts with "terminate called without an active exception".
+        """
+        batchers = [slot.batcher for slot in list(self._slots.values()) if slot.batcher is not None]
+        for batcher in batchers:
+            batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for batcher in batchers:
+            batcher.close(max(0.0, deadline - time.monotonic()))
+            if batcher.alive:
+                log.warning("model thread %s still running after %.0f s at close", batcher.name, timeout)
 
 
 def _preimport() -> None:

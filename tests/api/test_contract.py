@@ -164,6 +164,21 @@ def test_a_request_past_its_deadline_says_so_and_leaves_no_queued_work(
     assert len(FakeNER.batch_sizes) <= len(answered) + 1
 
 
+def test_closing_the_runtime_waits_for_its_model_threads(tmp_path: Path) -> None:
+    """Runtime.close joins every model thread, so a process can exit without killing a running forward."""
+    app = fake_app(tmp_path)
+    client = app.test_client()
+    config = fixture_request("predict_single_open_task")["body"]["label_config"]
+    assert client.post(
+        "/predict", json={"tasks": [{"id": 1, "data": {"text": "Bob ran"}}], "label_config": config}
+    ).json["results"][0]["result"]
+    runtime = app.extensions["lsml_model"].runtime
+    batchers = [slot.batcher for slot in runtime._slots.values() if slot.batcher is not None]
+    assert batchers and all(b.alive for b in batchers)
+    runtime.close(timeout=5)
+    assert not any(b.alive for b in batchers)
+
+
 def test_interactive_call_with_context_is_answered(client) -> None:
     body = replay(client, "predict_interactive_with_context").json
     assert len(body["results"]) == 1
@@ -263,3 +278,20 @@ def test_metrics_expose_requests_batches_and_queue_depth(client) -> None:
     assert 'lsml_requests_total{route="/predict",status="200"} 1.0' in text
     assert 'lsml_batch_size_count{backend="fake_ner:fake-ner-1"} 1.0' in text
     assert 'lsml_queue_depth{backend="fake_ner:fake-ner-1"} 0.0' in text
+
+
+def test_gunicorn_worker_exit_shuts_the_app_down(tmp_path: Path) -> None:
+    """gunicorn.conf.py's worker_exit hook closes the runtime of the app the worker served."""
+    import runpy
+    import types
+
+    app = fake_app(tmp_path)
+    client = app.test_client()
+    config = fixture_request("predict_single_open_task")["body"]["label_config"]
+    client.post("/predict", json={"tasks": [{"id": 1, "data": {"text": "Bob ran"}}], "label_config": config})
+    runtime = app.extensions["lsml_model"].runtime
+    batchers = [slot.batcher for slot in runtime._slots.values() if slot.batcher is not None]
+    assert batchers and all(b.alive for b in batchers)
+    hooks = runpy.run_path(str(Path(__file__).resolve().parents[2] / "gunicorn.conf.py"))
+    hooks["worker_exit"](None, types.SimpleNamespace(wsgi=app))
+    assert not any(b.alive for b in batchers)

@@ -129,3 +129,28 @@ def test_waits_for_items_still_being_prepared() -> None:
     coming.clear()
     assert (first.result(timeout=5), second.result(timeout=5)) == (10, 20)
     assert model.sizes == [2]
+
+
+def test_close_finishes_queued_items_and_waits_for_the_thread() -> None:
+    """close(timeout) lets the forward in progress and the queued items finish, then the thread ends."""
+    model = Recorder(delay=0.05)
+    batcher = Batcher("m", model, max_batch_size=2, max_wait_ms=1)
+    futures = [batcher.submit(i) for i in range(4)]
+    batcher.close(timeout=5)
+    assert not batcher.alive
+    assert [f.result(timeout=0) for f in futures] == [0, 10, 20, 30]
+
+
+def test_close_without_timeout_does_not_wait() -> None:
+    """A bare close() only asks the thread to stop: a slow forward does not hold the caller."""
+    model = Recorder(delay=0.5)
+    batcher = Batcher("m", model, max_batch_size=1, max_wait_ms=1)
+    future = batcher.submit(1)
+    time.sleep(0.1)  # the forward has started
+    started = time.perf_counter()
+    batcher.close()
+    assert time.perf_counter() - started < 0.2
+    assert batcher.alive
+    assert future.result(timeout=5) == 10
+    batcher.close(timeout=5)
+    assert not batcher.alive
