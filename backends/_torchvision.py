@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -589,12 +589,25 @@ class WeightStatus:
 
 
 class TorchvisionWeights:
-    """Mixin: list and download the torchvision weights of a family's models."""
+    """Mixin: check, fingerprint, list and download the torchvision weights of a family's models."""
+
+    family: ClassVar[str]
+    spec: ModelSpec
+    settings: Settings
 
     @classmethod
     def model_names(cls) -> tuple[str, ...]:  # pragma: no cover - provided by the Backend subclass
         """Return the family's models."""
         return ()
+
+    @classmethod
+    def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
+        """Report missing weights or a broken user checkpoint, with how to fix it."""
+        return availability(spec, settings, cls.model_names(), cls.family)
+
+    def version(self) -> str:
+        """Return the model name and a fingerprint of its weights file."""
+        return version_of(self.spec, self.settings)
 
     @classmethod
     def weights_status(cls, settings: Settings) -> list[WeightStatus]:

@@ -102,15 +102,6 @@ class ClassificationBackend(tv.TorchvisionWeights, Backend):
         """Return the classifiers served."""
         return cls.supported_models
 
-    @classmethod
-    def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
-        """Report missing weights or a broken user checkpoint, with how to fix it."""
-        return tv.availability(spec, settings, cls.model_names(), cls.family)
-
-    def version(self) -> str:
-        """Return the model name and a fingerprint of its weights file."""
-        return tv.version_of(self.spec, self.settings)
-
     def labels(self) -> Sequence[str]:
         """Return the class names."""
         return self.categories

@@ -67,15 +67,6 @@ class TorchvisionDetectorBase(tv.TorchvisionWeights, Backend):
         """Claim this family's controls; plain geometry links a sibling Labels tag on the same image."""
         return link_sibling_labels(super().claim(obj, controls, settings), controls, cls.plain_tags)
 
-    @classmethod
-    def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
-        """Report missing weights or a broken user checkpoint, with how to fix it."""
-        return tv.availability(spec, settings, cls.model_names(), cls.family)
-
-    def version(self) -> str:
-        """Return the model name and a fingerprint of its weights file."""
-        return tv.version_of(self.spec, self.settings)
-
     def labels(self) -> Sequence[str]:
         """Return the model's class names (no background / N/A placeholders)."""
         return [c for c in self.categories if c and c != "N/A" and c.casefold() not in tv.BACKGROUND_NAMES]

@@ -201,15 +201,6 @@ class SemanticSegmentationBackend(tv.TorchvisionWeights, Backend):
         ]
         return link_sibling_labels(claims, controls, ("Brush",))
 
-    @classmethod
-    def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
-        """Report missing weights or a broken user checkpoint, with how to fix it."""
-        return tv.availability(spec, settings, cls.model_names(), cls.family)
-
-    def version(self) -> str:
-        """Return the model name and a fingerprint of its weights file."""
-        return tv.version_of(self.spec, self.settings)
-
     def labels(self) -> Sequence[str]:
         """Return the class names (background excluded)."""
         return [c for c in self.categories if c.casefold() not in tv.BACKGROUND_NAMES]
