@@ -13,6 +13,7 @@ from backends import registry as default_registry
 from backends.base import Backend, ControlTag, LabelMap, ModelSpec, ObjectTag, Target
 from serving.errors import ConfigError
 from serving.settings import Settings
+from serving.validation import sdk_tags
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,8 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
         raise ConfigError("the labeling config is empty: send the project's XML config (<View>...</View>)")
     if len(label_config) > MAX_CONFIG_CHARS:
         raise ConfigError(f"the labeling config is larger than {MAX_CONFIG_CHARS} characters")
-    try:
-        from label_studio_sdk.label_interface import LabelInterface
-
-        interface = LabelInterface(label_config)
-        sdk_objects = list(interface.objects)
-        sdk_controls = list(interface.controls)
-    except Exception as exc:  # the SDK raises several types for bad XML
-        raise ConfigError(f"the labeling config is not valid XML: {str(exc)[:300]}") from exc
+    # The validation schema parses the same text: one LabelInterface parse serves both.
+    sdk_objects, sdk_controls = sdk_tags(label_config)
 
     objects: dict[str, ObjectTag] = {}
     for obj in sdk_objects:

@@ -132,17 +132,22 @@ class ConfigSchema:
 
 
 @functools.lru_cache(maxsize=64)
-def _schema_cached(label_config: str) -> ConfigSchema:
-    import hashlib
-
+def sdk_tags(label_config: str) -> tuple[list[Any], list[Any]]:
+    """Parse a config once with the SDK's LabelInterface; return its object and control tags (read-only)."""
     try:
         from label_studio_sdk.label_interface import LabelInterface
 
         interface = LabelInterface(label_config)
-        sdk_objects = list(interface.objects)
-        sdk_controls = list(interface.controls)
+        return list(interface.objects), list(interface.controls)
     except Exception as exc:  # the SDK raises several types for bad XML
         raise ConfigError(f"the labeling config is not valid XML: {str(exc)[:300]}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_cached(label_config: str) -> ConfigSchema:
+    import hashlib
+
+    sdk_objects, sdk_controls = sdk_tags(label_config)
 
     objects: dict[str, ObjectInfo] = {}
     for obj in sdk_objects:
