@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import http.server
 import io
-import json
 import logging
 import os
 import platform
@@ -49,6 +48,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import write_report  # noqa: E402
 from bench.bench_ner import REALISTIC_O_BIAS, build_tiny_model, make_texts  # noqa: E402
 from bench.bench_ocr import CONFIG_TEMPLATE as OCR_CONFIG  # noqa: E402
 from bench.bench_ocr import make_pages, word_recall  # noqa: E402
@@ -465,10 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             "n": args.latency_n,
         },
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+    write_report(args.out, report)
     return 0
 
 

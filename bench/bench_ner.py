@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import platform
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.base import ModelSpec
 from backends.ner import NerBackend
+from bench._common import predict_concurrently, write_report
 from serving.settings import Settings
 
 log = logging.getLogger("bench_ner")
@@ -209,32 +208,7 @@ def run_backend(backend: NerBackend, texts: list[str], batch_size: int) -> list[
 
 def run_app(client: Any, config: str, texts: list[str], clients: int) -> list[Any]:
     """POST the texts to /predict as `clients` concurrent requests; return the results in order."""
-    chunks = [list(range(len(texts)))[c::clients] for c in range(clients)]
-    results: list[Any] = [None] * len(texts)
-    errors: list[str] = []
-
-    def post(indices: list[int]) -> None:
-        body = {
-            "tasks": [{"id": i + 1, "data": {"text": texts[i]}} for i in indices],
-            "label_config": config,
-            "project": "1.0",
-            "params": {"context": None},
-        }
-        response = client.post("/predict", json=body)
-        if response.status_code != 200:
-            errors.append(f"{response.status_code}: {response.get_data(as_text=True)[:300]}")
-            return
-        for i, prediction in zip(indices, response.json["results"], strict=True):
-            results[i] = prediction
-
-    threads = [threading.Thread(target=post, args=(chunk,)) for chunk in chunks if chunk]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return results
+    return predict_concurrently(client, config, [{"text": t} for t in texts], clients)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,10 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "regions": regions,
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+    write_report(args.out, report)
     return 0
 
 

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import platform
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -43,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.base import ModelSpec
 from backends.ocr import OCRBackend
+from bench._common import predict_concurrently, write_report
 from serving.settings import Settings
 
 log = logging.getLogger("bench_ocr")
@@ -178,32 +177,8 @@ class PageResolver:
 
 def run_app(client: Any, config: str, n: int, clients: int) -> list[Any]:
     """POST n tasks to /predict as `clients` concurrent requests; return the predictions in order."""
-    chunks = [list(range(n))[c::clients] for c in range(clients)]
-    results: list[Any] = [None] * n
-    errors: list[str] = []
-
-    def post(indices: list[int]) -> None:
-        body = {
-            "tasks": [{"id": i + 1, "data": {"ocr": f"/data/upload/1/page-{i}.png"}} for i in indices],
-            "label_config": config,
-            "project": "1.0",
-            "params": {"context": None},
-        }
-        response = client.post("/predict", json=body)
-        if response.status_code != 200:
-            errors.append(f"{response.status_code}: {response.get_data(as_text=True)[:300]}")
-            return
-        for i, prediction in zip(indices, response.json["results"], strict=True):
-            results[i] = prediction
-
-    threads = [threading.Thread(target=post, args=(chunk,)) for chunk in chunks if chunk]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return results
+    pages = [{"ocr": f"/data/upload/1/page-{i}.png"} for i in range(n)]
+    return predict_concurrently(client, config, pages, clients)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "word_recall": recall,
         "regions": sum(len({i["id"] for i in p["result"]}) for p in app_results),
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+    write_report(args.out, report)
     return 0
 
 
