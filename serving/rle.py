@@ -22,6 +22,9 @@ _RLE_SIZES = (3, 4, 8, 16)
 # Scratch buffers up to this size are kept per thread (a 4K mask needs about 10 MB).
 _SCRATCH_MAX_BYTES = 16 * 1024 * 1024
 _local = threading.local()
+# Crops encoded together share one buffer of at most about this many bytes (a single larger crop
+# still goes alone).
+_MAX_CROP_BUFFER = 32 * 1024 * 1024
 # Past one changed word in this many, a byte-wise scan of the whole mask beats gathering the words.
 _DENSE_WORDS = 8
 _LEN_BITS = np.asarray(_RLE_SIZES, dtype=np.int64)
@@ -273,6 +276,19 @@ def crops_to_rle(
         return [[] for _ in crops]
     if not crops:
         return []
+    # Bound the shared buffer: a 4K image with a hundred large objects would otherwise need
+    # gigabytes at once. Groups of crops are encoded one after the other.
+    areas = [_buffer_area(np.shape(crop)) for crop, _ in crops]
+    if len(crops) > 1 and sum(areas) > _MAX_CROP_BUFFER:
+        out: list[list[int]] = []
+        group_start, group_area = 0, 0
+        for k, area in enumerate(areas):
+            if k > group_start and group_area + area > _MAX_CROP_BUFFER:
+                out.extend(crops_to_rle(crops[group_start:k], size))
+                group_start, group_area = k, 0
+            group_area += area
+        out.extend(crops_to_rle(crops[group_start:], size))
+        return out
     n = width * height
     n_crops = len(crops)
     arrays: list[np.ndarray] = []
@@ -350,6 +366,11 @@ def crops_to_rle(
     lengths[first_run] = positions[first_run] + 1
     lengths <<= 2
     return _encode(values, lengths, counts, np.full(n_crops, n * 4, dtype=np.int64))
+
+
+def _buffer_area(shape: tuple[int, ...]) -> int:
+    """Return the bytes a crop of this shape takes in the shared buffer (0 for a shape refused later)."""
+    return shape[0] * (shape[1] + 2) if len(shape) == 2 else 0
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:

@@ -199,3 +199,27 @@ def test_a_mask_without_runs_between_others_keeps_its_place() -> None:
         248,
     ]  # the header alone: no values, word size, field sizes
     assert encode_runs(*last) == encode_rle(np.full(70000, 7, np.uint8))
+
+
+def test_crops_beyond_the_buffer_bound_are_encoded_in_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past _MAX_CROP_BUFFER, crops go in groups (memory stays bounded) and each RLE is unchanged."""
+    import serving.rle as rle_module
+
+    rng = np.random.default_rng(5)
+    crops = []
+    for _ in range(7):
+        h, w = rng.integers(3, 20, 2)
+        y0, x0 = rng.integers(0, 60 - h), rng.integers(0, 80 - w)
+        crops.append(((rng.random((h, w)) < 0.4) * np.uint8(255), (int(x0), int(y0))))
+    together = crops_to_rle(crops, (80, 60))
+    calls: list[int] = []
+    original = rle_module.crops_to_rle
+
+    def counting(group, size):  # type: ignore[no-untyped-def]
+        calls.append(len(group))
+        return original(group, size)
+
+    monkeypatch.setattr(rle_module, "_MAX_CROP_BUFFER", 500)
+    monkeypatch.setattr(rle_module, "crops_to_rle", counting)
+    assert counting(crops, (80, 60)) == together
+    assert calls[0] == 7 and len(calls) > 2 and sum(calls[1:]) == 7
