@@ -11,7 +11,6 @@ Each mask pixel becomes four equal RGBA values, so every run of the mask is four
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Sequence
 
@@ -25,8 +24,9 @@ _local = threading.local()
 # Crops encoded together share one buffer of at most about this many bytes (a single larger crop
 # still goes alone).
 _MAX_CROP_BUFFER = 32 * 1024 * 1024
-# Past one changed word in this many, a byte-wise scan of the whole mask beats gathering the words.
-_DENSE_WORDS = 8
+# Past one changed word in this many, a byte-wise scan of the whole mask beats gathering the words
+# (measured: the gather wins up to about 40-60% of the words changed).
+_DENSE_WORDS = 2
 _LEN_BITS = np.asarray(_RLE_SIZES, dtype=np.int64)
 _RLE_FIELD = int("".join(f"{size - 1:04b}" for size in _RLE_SIZES), 2)
 
@@ -181,7 +181,7 @@ def _encode(values: np.ndarray, lengths: np.ndarray, counts: np.ndarray, nums: n
     # The header sits at the start of each mask's slot: the value count fills the first 32-bit word,
     # the word size and run-length field sizes (21 bits) open the second.
     first_word = base // 32
-    words[first_word] += nums
+    words[first_word] += nums.astype(np.uint64)
     words[first_word + 1] += _HEADER_REST
     stream = words[:n_words].astype(">u4").tobytes()
     return [
@@ -190,7 +190,7 @@ def _encode(values: np.ndarray, lengths: np.ndarray, counts: np.ndarray, nums: n
 
 
 def _pack(codes: np.ndarray, nbits: np.ndarray, starts: np.ndarray, n_words: int) -> np.ndarray:
-    """Return 32-bit words (as float64) holding each field (`nbits` wide, at most 32) MSB-first at its bit offset.
+    """Return 32-bit words (in uint64) holding each field (`nbits` wide, at most 32) MSB-first at its bit offset.
 
     Consumes `codes`: it is shifted in place.
     """
@@ -202,13 +202,12 @@ def _pack(codes: np.ndarray, nbits: np.ndarray, starts: np.ndarray, n_words: int
     window = codes.view(np.uint64)
     np.left_shift(window, shift.view(np.uint64), out=window)
     del shift
-    # Fields never overlap, so summing (exact in float64 below 2**53) is the same as OR-ing. The
-    # window's 32-bit halves (little-endian: low, high) are read as strided views, not computed.
-    halves = window.view(np.uint32)
-    high, low = (halves[1::2], halves[::2]) if _LITTLE_ENDIAN else (halves[::2], halves[1::2])
-    words = np.bincount(word_idx, weights=high.astype(np.float64), minlength=n_words + 2)
-    words = words.astype(np.float64, copy=False)  # bincount of no fields at all gives int64
-    words[1:] += np.bincount(word_idx, weights=low.astype(np.float64), minlength=n_words + 2)[:-1]
+    # Fields never overlap, so adding is the same as OR-ing; np.add.at on contiguous uint64 is
+    # numpy's fast scatter (np.bitwise_or.at and float bincount were 3x slower).
+    words = np.zeros(n_words + 2, dtype=np.uint64)
+    np.add.at(words, word_idx, window >> _U32)
+    window &= _LOW32
+    np.add.at(words[1:], word_idx, window)
     return words
 
 
@@ -232,10 +231,11 @@ _LONG_BITS = 27
 _FULL_PIECE = int(_CODE[_LONG]) | (0xFFFF << 8)
 _HEADER_BITS = 32 + 5 + 16
 # Word size - 1 (5 bits), then the run-length field sizes (16 bits), left-aligned in a 32-bit word.
-_HEADER_REST = float(((_WORD_BITS - 1) << 16 | _RLE_FIELD) << (32 - 21))
+_HEADER_REST = np.uint64(((_WORD_BITS - 1) << 16 | _RLE_FIELD) << (32 - 21))
 # Below this many chunks, appending the long runs' pieces costs less than packing them apart.
 _SPLIT_PACK = 1 << 16
-_LITTLE_ENDIAN = sys.byteorder == "little"
+_U32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
