@@ -158,6 +158,7 @@ def _encode(values: np.ndarray, lengths: np.ndarray, counts: np.ndarray, nums: n
     starts += shift[0] if n_masks == 1 else np.repeat(shift, counts)
     # The last piece of a long run follows its full pieces.
     has_full = np.flatnonzero(full)
+    pieces_apart = False
     if has_full.size:
         per_run = full[has_full]
         # Pieces are 27 bits each, back to back: the k-th piece overall, less the pieces of earlier runs.
@@ -167,13 +168,14 @@ def _encode(values: np.ndarray, lengths: np.ndarray, counts: np.ndarray, nums: n
         piece_codes = np.repeat(_FULL_PIECE | values[long_runs[has_full]].astype(np.int64), per_run)
         starts[long_runs] += full * _LONG_BITS
         nbits[long_runs] -= full * _LONG_BITS
-        if codes.size < _SPLIT_PACK:
+        pieces_apart = codes.size >= _SPLIT_PACK
+        if not pieces_apart:
             codes = np.concatenate([codes, piece_codes])
             nbits = np.concatenate([nbits, np.full(piece_starts.size, _LONG_BITS, dtype=np.int64)])
             starts = np.concatenate([starts, piece_starts])
     n_words = int(slot.sum()) // 32
     words = _pack(codes, nbits, starts, n_words)
-    if has_full.size and codes.size >= _SPLIT_PACK:
+    if pieces_apart:
         # Big arrays are not copied to append the few pieces: those are packed on their own.
         words += _pack(
             piece_codes, np.full(piece_starts.size, _LONG_BITS, dtype=np.int64), piece_starts, n_words

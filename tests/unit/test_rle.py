@@ -223,3 +223,15 @@ def test_crops_beyond_the_buffer_bound_are_encoded_in_groups(monkeypatch: pytest
     monkeypatch.setattr(rle_module, "crops_to_rle", counting)
     assert counting(crops, (80, 60)) == together
     assert calls[0] == 7 and len(calls) > 2 and sum(calls[1:]) == 7
+
+
+def test_runs_just_under_the_split_with_pieces_pack_once() -> None:
+    """Chunks just under _SPLIT_PACK plus long-run pieces that take the count past it are packed exactly once."""
+    from serving.rle import _SPLIT_PACK
+
+    n_short = _SPLIT_PACK - 3
+    values = np.concatenate([np.arange(n_short) % 2 * 255, [255, 0]])  # neighbours always differ
+    lengths = np.concatenate([np.full(n_short, 4), [4 * 200_000, 4 * 100_000]])  # two runs of several pieces
+    assert n_short % 2 == 1  # the last short run is 0, so the long runs go 255 then 0
+    flat = np.repeat(values.astype(np.uint8), lengths // 4)
+    assert encode_runs(values, lengths, flat.size * 4) == mask2rle(flat.reshape(1, -1))
