@@ -38,7 +38,7 @@ COPY --chown=lsml:lsml . /app
 USER 1000
 
 # Internet exists at build time: fetch the default weights into the image.
-RUN python -m serving.weights download \
+RUN python -m serving weights download \
         --model fasterrcnn_resnet50_fpn_v2 --model maskrcnn_resnet50_fpn_v2 --model keypointrcnn_resnet50_fpn \
         --model deeplabv3_resnet50 --model resnet50 --model dslim/bert-base-NER
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from serving.app import create_app
+from model import create_app
 from serving.settings import Settings
 
 

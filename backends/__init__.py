@@ -7,12 +7,9 @@ import logging
 import pkgutil
 from functools import lru_cache
 
-from backends.base import Backend
+from serving.contract import Backend
 
 log = logging.getLogger(__name__)
-
-# Modules that are not families.
-_SKIP = {"base"}
 
 
 @lru_cache(maxsize=1)
@@ -20,7 +17,7 @@ def registry() -> dict[str, type[Backend]]:
     """Return {family: Backend class} for every backend module that imports, by priority."""
     found: dict[str, type[Backend]] = {}
     for info in pkgutil.iter_modules(__path__):
-        if info.name in _SKIP or info.name.startswith("_"):
+        if info.name.startswith("_"):
             continue
         try:
             module = importlib.import_module(f"{__name__}.{info.name}")

@@ -2,7 +2,7 @@
 
 Pretrained weights are torchvision's own weight enums, read from `$TORCH_HOME/hub/checkpoints`
 (torch's hub cache: `torch.hub.get_dir()/checkpoints`) under the file name the enum's URL ends with.
-Nothing is downloaded while serving: `python -m serving.weights download` (or `make weights`) fills the
+Nothing is downloaded while serving: `python -m serving weights download` (or `make weights`) fills the
 cache where internet exists, and a backend whose file is missing reports how to get it.
 
 A user checkpoint (`model_path` on the control tag) is a torchvision state_dict file for the
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from backends.base import LabelMap, ModelSpec, Target, weights_fingerprint
+from serving.contract import LabelMap, ModelSpec, Target, weights_fingerprint
 from serving.regions import LABELED_GEOMETRY
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 BACKGROUND_NAMES = {"__background__", "background", "_background_", "bg"}
 DOWNLOAD_HINT = (
-    "run `python -m serving.weights download{args}` (or `make weights`) where internet is available"
+    "run `python -m serving weights download{args}` (or `make weights`) where internet is available"
 )
 
 

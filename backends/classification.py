@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from backends import _torchvision as tv
-from backends.base import Backend, Item, LabelMap, ModelSpec, Target
 from serving import regions
+from serving.contract import Backend, Item, LabelMap, ModelSpec, Target
 
 if TYPE_CHECKING:
     from serving.settings import Settings

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from backends import _torchvision as tv
-from backends.base import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 from serving import regions
+from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 
 if TYPE_CHECKING:
     from serving.settings import Settings

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from backends import _torchvision as tv
-from backends.base import Item, Target
 from backends.detection import TorchvisionDetectorBase
 from serving import regions
+from serving.contract import Item, Target
 
 log = logging.getLogger(__name__)
 

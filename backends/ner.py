@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends._ner_decode import RawSpan, TagScheme, Window, aggregate, merge_windows
-from backends.base import Backend, Item, ModelSpec, Target, weights_fingerprint
 from serving import regions
+from serving.contract import Backend, Item, ModelSpec, Target, weights_fingerprint
 from serving.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,17 @@ from backends._ocr_geometry import (
     points_pct_to_px,
     rect_pct_to_quad_px,
 )
-from backends.base import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target, weights_fingerprint
 from serving import regions
+from serving.contract import (
+    Backend,
+    Claim,
+    ControlTag,
+    Item,
+    ModelSpec,
+    ObjectTag,
+    Target,
+    weights_fingerprint,
+)
 from serving.errors import InputError, ModelUnavailable
 
 if TYPE_CHECKING:

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from backends import _torchvision as tv
-from backends.base import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 from backends.detection import TorchvisionDetectorBase, link_sibling_labels
 from serving import regions
+from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 from serving.rle import crops_to_rle
 
 if TYPE_CHECKING:

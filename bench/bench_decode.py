@@ -23,10 +23,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.base import Backend, Item, ModelSpec, ObjectTag
 from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from bench.bench_e2e import serve_files
+from serving.contract import Backend, Item, ModelSpec, ObjectTag
 from serving.data import ORIGINAL_SIZE, DataResolver
 from serving.lsclient import LabelStudioClient
 from serving.settings import Settings

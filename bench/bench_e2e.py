@@ -169,7 +169,7 @@ def raw_rows(
     import torch
     from PIL import Image
 
-    from backends.base import Item, ModelSpec, ObjectTag
+    from serving.contract import Item, ModelSpec, ObjectTag
     from serving.settings import Settings
 
     backend = cls(

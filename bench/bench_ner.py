@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.base import ModelSpec
 from backends.ner import NerBackend
 from bench._common import predict_concurrently, write_report
+from serving.contract import ModelSpec
 from serving.settings import Settings
 
 log = logging.getLogger("bench_ner")

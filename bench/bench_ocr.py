@@ -39,9 +39,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.base import ModelSpec
 from backends.ocr import OCRBackend
 from bench._common import predict_concurrently, write_report
+from serving.contract import ModelSpec
 from serving.settings import Settings
 
 log = logging.getLogger("bench_ocr")

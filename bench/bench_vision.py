@@ -162,7 +162,7 @@ def raw_throughput(
     import torch
     from PIL import Image
 
-    from backends.base import Item, ModelSpec, ObjectTag
+    from serving.contract import Item, ModelSpec, ObjectTag
     from serving.settings import Settings
 
     backend = cls(ModelSpec(cls.family, model), Settings(max_detections=boxes))
@@ -191,7 +191,7 @@ def app_throughput(
     model: str, family: str, jpegs: list[bytes], max_batch: int, boxes: int = 0
 ) -> tuple[float, int]:
     """Return (images/s of one POST /predict with all images, regions returned)."""
-    from serving.app import create_app
+    from model import create_app
     from serving.settings import Settings
 
     settings = Settings(

@@ -1,7 +1,8 @@
-"""`python -m serving ...`: the command line (predict, validate)."""
+"""`python -m serving ...`: the command line (predict, validate, weights), started from model.py."""
 
 import sys
 
+from model import families
 from serving.cli import main
 
-sys.exit(main())
+sys.exit(main(families=families))

@@ -1,4 +1,4 @@
-"""create_app(settings=None) -> Flask: the label_studio_ml 2.x wire protocol, routes only."""
+"""create_app(settings, model) -> Flask: the label_studio_ml 2.x wire protocol, routes only."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from model import MLModel
 from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unauthorized
 from serving.runtime import Runtime
+from serving.service import ModelService
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,14 @@ def _check_basic_auth(settings: Settings) -> None:
 
 
 def create_app(
-    settings: Settings | None = None, runtime: Runtime | None = None, model: MLModel | None = None
+    settings: Settings | None = None, runtime: Runtime | None = None, model: ModelService | None = None
 ) -> Flask:
-    """Build the Flask app; models load in the background, never on the request path."""
-    settings = settings or Settings.from_env()
+    """Build the Flask app over a model (model.MLModel) or a runtime; models load in the background."""
     if model is None:
-        runtime = runtime or Runtime(settings)
-        model = MLModel(settings, runtime)
+        if runtime is None:
+            raise TypeError("create_app needs model= (model.MLModel) or runtime= (with its model families)")
+        model = ModelService(settings or runtime.settings, runtime)
+    settings = settings or model.settings
     runtime = model.runtime
     metrics = runtime.metrics
     app = Flask(__name__)

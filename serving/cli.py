@@ -9,9 +9,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.errors import (
     BadRequest,
@@ -36,6 +36,12 @@ from serving.jobs import (
     iter_result_text,
 )
 from serving.settings import Settings
+
+if TYPE_CHECKING:
+    from serving.contract import Backend
+
+# The composition root (model.py) passes its family registry; called only when models run here.
+Families = Callable[[], Mapping[str, "type[Backend]"]]
 
 log = logging.getLogger("serving.cli")
 
@@ -168,12 +174,14 @@ def _server_message(resp: Any) -> str:
         return resp.text[:300]
 
 
-def build_runtime(settings: Settings, roots: Sequence[Path]) -> Any:
+def build_runtime(settings: Settings, roots: Sequence[Path], families: Families | None) -> Any:
     """Build the in-process runtime (imported lazily: torch and models load only for `predict`)."""
     from serving.runtime import Runtime
 
+    if families is None:
+        raise UsageError("no model families to run here: start the command line as `python -m serving`")
     resolver = LocalFileResolver(roots, lambda: _default_resolver(settings), settings)
-    return Runtime(settings, resolver=resolver)
+    return Runtime(settings, families(), resolver=resolver)
 
 
 class _Progress:
@@ -289,7 +297,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         auth = tuple(args.basic_auth.split(":", 1)) if args.basic_auth else None
         predict_fn: Any = HttpPredictor(args.server, auth=auth)  # type: ignore[arg-type]
     else:
-        runtime = build_runtime(settings, [folder])
+        runtime = build_runtime(settings, [folder], args.families)
         predict_fn = runtime.predict
     chunk = args.chunk_size or (16 if args.server else 32)
     runner = JobRunner(settings, predict_fn, chunk_size=chunk)
@@ -470,13 +478,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-problems", type=int, default=1000, help="print at most this many problems")
     v.add_argument("--fast", action="store_true", help="skip the full brush RLE decode (header check only)")
     v.set_defaults(func=cmd_validate)
+
+    w = sub.add_parser("weights", help="list or download model weights (where internet exists)")
+    w.add_argument("action", choices=("download", "list"))
+    w.add_argument("--family", action="append", default=[], help="only this family (repeatable)")
+    w.add_argument("--model", action="append", default=[], help="only this model_name (repeatable)")
+    w.set_defaults(func=cmd_weights)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
+def cmd_weights(args: argparse.Namespace) -> int:
+    """List or download the weights of every family (or of --family / --model)."""
+    from serving import weights
+
+    if args.families is None:
+        raise UsageError("no model families: start the command line as `python -m serving`")
+    return weights.run(args.action, Settings.from_env(), args.families(), args.family, args.model)
+
+
+def main(argv: Sequence[str] | None = None, families: Families | None = None) -> int:
+    """Run the command line with the model families of the composition root; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.families = families
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         stream=sys.stderr,

@@ -9,8 +9,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from backends import registry as default_registry
-from backends.base import Backend, ControlTag, LabelMap, ModelSpec, ObjectTag, Target
+from serving.contract import Backend, ControlTag, LabelMap, ModelSpec, ObjectTag, Target
 from serving.errors import ConfigError
 from serving.settings import Settings
 from serving.validation import sdk_tags
@@ -118,11 +117,9 @@ def _threshold(control: ControlTag, default: float) -> float:
     return value
 
 
-def build_plan(
-    label_config: str, settings: Settings, families: Mapping[str, type[Backend]] | None = None
-) -> Plan:
+def build_plan(label_config: str, settings: Settings, families: Mapping[str, type[Backend]]) -> Plan:
     """Plan a labeling config: every control is claimed by at most one family, by priority."""
-    families = dict(default_registry() if families is None else families)
+    families = dict(families)
     objects, controls = parse_config(label_config)
     skipped = tuple(f"{c.name} ({c.tag})" for c in controls if _is_true(c.attr("model_skip")))
     remaining = [c for c in controls if not _is_true(c.attr("model_skip"))]
@@ -184,11 +181,9 @@ def build_plan(
 class Planner:
     """Build plans, cached by config hash (LS sends the same config on every call)."""
 
-    def __init__(
-        self, settings: Settings, families: Mapping[str, type[Backend]] | None = None, size: int = 128
-    ) -> None:
+    def __init__(self, settings: Settings, families: Mapping[str, type[Backend]], size: int = 128) -> None:
         self.settings = settings
-        self.families: dict[str, type[Backend]] = dict(default_registry() if families is None else families)
+        self.families: dict[str, type[Backend]] = dict(families)
         self._cache: OrderedDict[str, Plan] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from backends.base import Target
+    from serving.contract import Target
 
 # Control tags whose value carries the label list under the lower-cased tag name.
 LABELED_GEOMETRY = {

@@ -12,8 +12,8 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_co
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from backends.base import Backend, Item, ModelSpec, ObjectTag, Target
 from serving.batching import Batcher
+from serving.contract import Backend, Item, ModelSpec, ObjectTag, Target
 from serving.data import ORIGINAL_SIZE, Shrink
 from serving.errors import InputError, ModelUnavailable, Overloaded
 from serving.labeling import Plan, Planner
@@ -102,12 +102,12 @@ class Runtime:
 
     def __init__(
         self,
-        settings: Settings | None = None,
-        families: Mapping[str, type[Backend]] | None = None,
+        settings: Settings,
+        families: Mapping[str, type[Backend]],
         resolver: Resolver | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.settings = settings or Settings.from_env()
+        self.settings = settings
         self.planner = Planner(self.settings, families)
         self.families = self.planner.families
         self.metrics = metrics or Metrics()

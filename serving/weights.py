@@ -1,4 +1,4 @@
-"""Fetch and list model weights: `python -m serving.weights download|list [--family F] [--model M]`.
+"""Fetch and list model weights: `python -m serving weights download|list [--family F] [--model M]`.
 
 Serving never downloads: this command fills the caches the backends read (torchvision weights go
 to `$TORCH_HOME/hub/checkpoints`), where internet exists (the Dockerfile and `make weights` run it).
@@ -9,13 +9,11 @@ Any family can take part by giving its Backend class two classmethods:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Mapping, Sequence
 
-from backends import registry
-from backends.base import Backend
+from serving.contract import Backend
 from serving.settings import Settings
 
 log = logging.getLogger("serving.weights")
@@ -74,25 +72,32 @@ def download(settings: Settings, families: Mapping[str, type[Backend]], models: 
     return failures
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line."""
-    parser = argparse.ArgumentParser(prog="python -m serving.weights", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("download", "list"))
-    parser.add_argument("--family", action="append", default=[], help="only this family (repeatable)")
-    parser.add_argument("--model", action="append", default=[], help="only this model_name (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    settings = Settings.from_env()
-    families = families_with_weights(registry(), args.family)
-    if args.command == "list":
-        missing = list_weights(settings, families)
+def run(
+    action: str,
+    settings: Settings,
+    families: Mapping[str, type[Backend]],
+    only: Sequence[str] = (),
+    models: Sequence[str] = (),
+) -> int:
+    """List ("list") or download ("download") the families' weights; return the exit code."""
+    logging.getLogger("serving.weights").setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    chosen = families_with_weights(families, only)
+    if action == "list":
+        missing = list_weights(settings, chosen)
         if missing:
             log.info(
-                "%d missing: run `python -m serving.weights download` where internet is available", missing
+                "%d missing: run `python -m serving weights download` where internet is available", missing
             )
         return 0
-    return 1 if download(settings, families, args.model) else 0
+    return 1 if download(settings, chosen, models) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m serving.weights ...` is the older spelling of `python -m serving weights ...`: run the
+    # entry module, which starts from the composition root (this module must not import it).
+    import runpy
+
+    sys.argv = ["python -m serving", "weights", *sys.argv[1:]]
+    runpy.run_module("serving", run_name="__main__", alter_sys=True)

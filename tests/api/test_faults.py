@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from backends import _torchvision as tv
-from serving.app import create_app
+from model import create_app
 from serving.settings import Settings
 
 DETECT = """<View><Image name="image" value="$image"/>

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from backends.base import Item, ObjectTag, Target
 from backends.ocr import OCRBackend
+from serving.contract import Item, ObjectTag, Target
 from serving.labeling import build_plan
 from serving.settings import Settings
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from backends import _torchvision as tv
-from backends.base import ControlTag, Item, LabelMap, ModelSpec, ObjectTag, Target
+from serving.contract import ControlTag, Item, LabelMap, ModelSpec, ObjectTag, Target
 from serving.settings import Settings
 
 

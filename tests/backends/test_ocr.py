@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.base import ModelSpec
 from backends.ocr import OCRBackend
+from serving.contract import ModelSpec
 from serving.settings import Settings
 from tests.backends._ocr_support import (
     GUIDE_CONFIG,

@@ -9,9 +9,9 @@ import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 
-from backends.base import ModelSpec
 from backends.ocr import OCRBackend
 from serving.app import create_app
+from serving.contract import ModelSpec
 from serving.runtime import Runtime
 from serving.settings import Settings
 from tests.backends._ocr_support import (

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import ModelSpec
 from backends.ocr import OCRBackend
+from serving.contract import ModelSpec
 from serving.labeling import build_plan, parse_config
 from serving.settings import Settings
 from tests.backends._ocr_support import GUIDE_CONFIG, PAGE_CONFIG

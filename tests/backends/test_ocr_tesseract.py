@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backends.base import ModelSpec
 from backends.ocr import OCRBackend
+from serving.contract import ModelSpec
 from serving.settings import Settings
 from tests.backends._ocr_support import (
     GUIDE_CONFIG,

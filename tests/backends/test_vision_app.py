@@ -20,12 +20,12 @@ from flask import Flask
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from backends.base import Backend, ModelSpec
 from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from backends.keypoints import KeypointsBackend
 from backends.segmentation import InstanceSegmentationBackend, SemanticSegmentationBackend
 from serving.app import create_app
+from serving.contract import Backend, ModelSpec
 from serving.runtime import Runtime
 from serving.settings import Settings
 from tests.backends._vision_support import (
@@ -278,7 +278,7 @@ def test_setup_reports_missing_weights_with_the_fix(isolated_env: Path, tmp_path
     assert 400 <= resp.status_code < 500
     message = resp.get_json()["message"]
     assert "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth" in message
-    assert "python -m serving.weights download --model fasterrcnn_resnet50_fpn_v2" in message
+    assert "python -m serving weights download --model fasterrcnn_resnet50_fpn_v2" in message
     health = app.test_client().get("/health").get_json()
     assert health["backends"]["detection:fasterrcnn_resnet50_fpn_v2"].startswith(
         "unavailable: weights missing"

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from backends import _torchvision as tv
-from backends.base import ModelSpec
 from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from backends.keypoints import COCO_KEYPOINT_NAMES, KeypointsBackend
@@ -20,6 +19,7 @@ from backends.segmentation import (
     mask_ellipse_px,
     mask_polygon_px,
 )
+from serving.contract import ModelSpec
 from serving.rle import rle_to_mask
 from tests.backends._vision_support import (
     IMAGE,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from backends.base import ModelSpec
 from backends.classification import ClassificationBackend
 from backends.segmentation import InstanceSegmentationBackend, SemanticSegmentationBackend
+from serving.contract import ModelSpec
 from tests.backends._vision_support import (
     PlantedDetector,
     Transform,

@@ -2,7 +2,7 @@
 
 The state_dicts are randomly initialised and saved under the file name torchvision's weight enum
 expects, so torchvision's own builder (weights=enum) reads them from the hub cache, as it would
-after `python -m serving.weights download`. Random weights give arbitrary regions: these tests
+after `python -m serving weights download`. Random weights give arbitrary regions: these tests
 check loading, shapes and region types; exact geometry is in test_vision_geometry.py.
 """
 
@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from backends import _torchvision as tv
-from backends.base import ModelSpec
 from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from backends.keypoints import KeypointsBackend
 from backends.segmentation import InstanceSegmentationBackend, SemanticSegmentationBackend
+from serving.contract import ModelSpec
 from tests.backends._vision_support import control, image_item, save_random_weights, settings, target
 
 
@@ -205,6 +205,6 @@ def test_classification_efficientnet_loads(isolated_env: Path, tmp_path: Path) -
 def test_missing_file_at_load_time_names_the_fix(isolated_env: Path, tmp_path: Path) -> None:
     """If the weights vanish between the check and load(), the error still says how to get them."""
     backend = ClassificationBackend(ModelSpec("image_classification", "resnet50"), settings(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"serving\.weights download --model resnet50"):
+    with pytest.raises(FileNotFoundError, match=r"serving weights download --model resnet50"):
         backend.load("cpu")
     assert tv.weights_file("resnet50").name == "resnet50-11ad3fa6.pth"

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from backends import _torchvision as tv
-from backends.base import ModelSpec
 from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from backends.keypoints import KeypointsBackend
 from backends.segmentation import InstanceSegmentationBackend, SemanticSegmentationBackend
 from serving import weights as weights_cli
+from serving.contract import ModelSpec
 from tests.backends._vision_support import settings
 
 FAMILIES = {
@@ -64,7 +64,7 @@ def test_availability_reports_missing_weights_with_the_fix(isolated_env: Path, t
     )
     assert reason.startswith("weights missing (")
     assert str(expected) in reason
-    assert "python -m serving.weights download --model fasterrcnn_resnet50_fpn_v2" in reason
+    assert "python -m serving weights download --model fasterrcnn_resnet50_fpn_v2" in reason
     assert "make weights" in reason
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"x")

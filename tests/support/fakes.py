@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from backends.base import Backend, Item, ModelSpec, Target
 from serving import regions
+from serving.contract import Backend, Item, ModelSpec, Target
 from serving.errors import InputError
 from serving.settings import Settings
 
@@ -126,7 +126,7 @@ class FakeDetector(Backend):
         claims = super().claim(obj, controls, settings)
         labels = [c for c in controls if c.tag == "Labels"]
         out = []
-        from backends.base import Claim
+        from serving.contract import Claim
 
         for claim in claims:
             linked = {"labels": labels[0]} if claim.control.tag == "Rectangle" and labels else {}

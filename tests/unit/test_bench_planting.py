@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from backends.base import Item, ModelSpec, ObjectTag
 from backends.detection import DetectionBackend
 from bench.bench_vision import PLANTED_THRESHOLD, config_for, fill_random_weights, make_jpegs
-from serving.app import create_app
+from model import create_app
+from serving.contract import Item, ModelSpec, ObjectTag
 from serving.settings import Settings
 
 MODEL = "ssdlite320_mobilenet_v3_large"

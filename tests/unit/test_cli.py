@@ -20,7 +20,8 @@ import pytest
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
-from serving.cli import main
+import model
+from serving import cli
 from serving.jobs import JobStore, create_store
 from serving.push import LabelStudioPusher, PushError
 from serving.validation import ConfigSchema, validate_file
@@ -60,6 +61,11 @@ def ml_server(tmp_path: Path) -> Iterator[ServerThread]:
     server.close()
     app.extensions["lsml_jobs"].close()
     reset_fakes()
+
+
+def main(argv: list[str]) -> int:
+    """Run the command line as `python -m serving` does: with the composition root's families."""
+    return cli.main(argv, families=model.families)
 
 
 def strip_ids(obj: Any) -> Any:

@@ -7,8 +7,8 @@ import io
 
 from PIL import Image
 
-from backends.base import ControlTag, LabelMap, ModelSpec, ObjectTag, Target
 from serving import regions
+from serving.contract import ControlTag, LabelMap, ModelSpec, ObjectTag, Target
 from serving.data import DataResolver
 from serving.lsclient import LabelStudioClient
 from serving.settings import Settings

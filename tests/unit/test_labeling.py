@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.base import LabelMap
+from serving.contract import LabelMap
 from serving.errors import ConfigError
 from serving.labeling import Planner, build_plan
 from serving.settings import Settings

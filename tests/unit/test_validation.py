@@ -276,8 +276,8 @@ def test_problem_str_names_task_region_and_control() -> None:
 
 
 def test_regions_built_by_regions_module_pass() -> None:
-    from backends.base import ControlTag, LabelMap, ModelSpec, ObjectTag, Target
     from serving import regions
+    from serving.contract import ControlTag, LabelMap, ModelSpec, ObjectTag, Target
 
     schema, _ = load("ocr")
     obj = ObjectTag("image", "Image", "ocr")
@@ -303,9 +303,9 @@ def test_regions_built_by_regions_module_pass() -> None:
 
 
 def test_predict_route_drops_invalid_regions_before_they_leave(tmp_path: Path) -> None:
-    from backends.base import Backend, Item, Target
     from serving import regions
     from serving.app import create_app
+    from serving.contract import Backend, Item, Target
     from serving.runtime import Runtime
     from serving.settings import Settings
     from tests.support.fakes import FakeResolver

@@ -1,6 +1,8 @@
 """The contract every model family implements, and the planning types it receives.
 
-A backend never reads the environment, never sees Flask and never talks to Label Studio:
+It lives in serving/ so that dependencies point one way: backends/ implement it and import
+serving/; serving/ never imports backends/ (the composition root, model.py, hands the registry
+in). A backend never reads the environment, never sees Flask and never talks to Label Studio:
 it gets decoded items, runs its model, and turns outputs into Label Studio result items
 through serving/regions.py.
 """
@@ -181,7 +183,7 @@ def weights_fingerprint(path: str | Path) -> str:
 
 
 class Backend(ABC):
-    """One model family. Subclass in backends/<family>.py; the registry discovers it."""
+    """One model family. Subclass in backends/<family>.py; backends.registry() discovers it."""
 
     family: ClassVar[str] = ""
     control_tags: ClassVar[tuple[str, ...]] = ()
