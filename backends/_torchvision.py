@@ -605,9 +605,10 @@ class TorchvisionWeights:
         """Report missing weights or a broken user checkpoint, with how to fix it."""
         return availability(spec, settings, cls.model_names(), cls.family)
 
-    def version(self) -> str:
-        """Return the model name and a fingerprint of its weights file."""
-        return version_of(self.spec, self.settings)
+    @classmethod
+    def version_of(cls, spec: ModelSpec, settings: Settings) -> str:
+        """Return the model name and a fingerprint of its weights file's content."""
+        return version_of(spec, settings)
 
     @classmethod
     def weights_status(cls, settings: Settings) -> list[WeightStatus]:

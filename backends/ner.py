@@ -22,6 +22,7 @@ stores), with `text == task_text[start:end]`; labels leave only through the conf
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -148,15 +149,6 @@ def _hf_weights_file(source: str, model_dir: str) -> str | None:
     return None
 
 
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:
-        return False
-
-
 class NerBackend(Backend):
     """Entity spans for Labels on Text, from transformers token classification or spaCy."""
 
@@ -229,7 +221,8 @@ class NerBackend(Backend):
         from huggingface_hub import snapshot_download
 
         written = []
-        for name in [m for m in models if "/" in m] or [HF_DEFAULT]:
+        # NER accepts any model_name, so a `--model` meant for another family (no "/") is not ours
+        for name in [m for m in models if "/" in m] if models else [HF_DEFAULT]:
             written.append(
                 snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
             )
@@ -258,14 +251,13 @@ class NerBackend(Backend):
             return None
         if Path(source).is_absolute() or source.startswith((".", "~")):
             return f"'{source}' is not a folder with a config.json and model weights"
-        if _hub_offline():
-            return (
-                f"weights of '{source}' are not in the Hugging Face cache and the hub is offline "
-                f"(HF_HUB_OFFLINE): run `huggingface-cli download {source}` where internet exists "
-                f"(e.g. the Docker image's weights step), or set model_path to a save_pretrained() folder, "
-                f'or use the offline spaCy engine (NER_ENGINE=spacy or model_name="{SPACY_DEFAULT}")'
-            )
-        return None  # the hub is reachable: load() downloads it
+        # Nothing downloads while serving: the weights come from `make weights` (or the Docker build).
+        return (
+            f"weights of '{source}' are not in the Hugging Face cache: run "
+            f"`python -m serving weights download --model {source}` where internet exists (the Docker "
+            f"image does it at build time), or set model_path to a save_pretrained() folder, or use "
+            f'the offline spaCy engine (NER_ENGINE=spacy or model_name="{SPACY_DEFAULT}")'
+        )
 
     # ---- runtime ----
     def __init__(self, spec: ModelSpec, settings: Any) -> None:
@@ -278,7 +270,6 @@ class NerBackend(Backend):
         self.scheme: TagScheme | None = None
         self.max_length = 512
         self.stride = 128
-        self._version = spec.name
 
     def load(self, device: str) -> None:
         """Load the pipeline (spaCy, CPU) or the tokenizer + model (transformers, on `device`)."""
@@ -308,10 +299,7 @@ class NerBackend(Backend):
         nlp.max_length = max(nlp.max_length, int(getattr(self.settings, "max_text_chars", 0) or 0) + 1)
         self.nlp = nlp
         self.device = "cpu"
-        meta = nlp.meta or {}
-        weights = Path(str(nlp.path)) / "ner" / "model" if nlp.path else Path("missing")
-        self._version = f"spacy:{package}-{meta.get('version', '?')}@{weights_fingerprint(weights)}"
-        log.info("spaCy NER %s loaded (pipes: %s)", self._version, ", ".join(nlp.pipe_names))
+        log.info("spaCy NER %s loaded (pipes: %s)", self.version(), ", ".join(nlp.pipe_names))
 
     def _load_transformers(self, device: str) -> None:
         from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -319,12 +307,13 @@ class NerBackend(Backend):
         model_dir = str(getattr(self.settings, "model_dir", "") or "")
         folder = _local_hf_folder(self.source, model_dir)
         source = str(folder) if folder is not None else self.source
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # local_files_only: availability() found the files; nothing downloads while serving
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         if not getattr(tokenizer, "is_fast", False):
             raise RuntimeError(
                 f"'{source}' has no fast tokenizer (tokenizer.json); exact character offsets need one"
             )
-        model = AutoModelForTokenClassification.from_pretrained(source)
+        model = AutoModelForTokenClassification.from_pretrained(source, local_files_only=True)
         model.eval()
         model.to(device)
         config = model.config
@@ -339,9 +328,6 @@ class NerBackend(Backend):
         self.tokenizer = tokenizer
         self.model = model
         self.device = device
-        weights = _hf_weights_file(source, "")
-        fingerprint = weights_fingerprint(weights) if weights else "unknown"
-        self._version = f"{self.spec.name}@{fingerprint}"
         log.info(
             "transformers NER %s loaded on %s (max_length %d, stride %d, tags %s)",
             source,
@@ -351,9 +337,20 @@ class NerBackend(Backend):
             ",".join(self.scheme.types),
         )
 
-    def version(self) -> str:
-        """Return the model id and its weights fingerprint."""
-        return self._version
+    @classmethod
+    def version_of(cls, spec: ModelSpec, settings: Any) -> str:
+        """Return the engine, model and a fingerprint of its weights (spaCy: package version too)."""
+        engine, source = engine_of(spec.name, spec.path)
+        if engine == "spacy":
+            package = spacy_package(source)
+            folder = _spacy_data_dir(package) if package else None
+            if folder is None:
+                return f"spacy:{source}@missing"
+            meta = _read_json(folder / "meta.json")
+            ident = f"{meta.get('lang', '')}_{meta.get('name', '')}-{meta.get('version', '?')}"
+            return f"spacy:{ident}@{weights_fingerprint(folder / 'ner' / 'model')}"
+        weights = _hf_weights_file(source, str(getattr(settings, "model_dir", "") or ""))
+        return f"{spec.name}@{weights_fingerprint(weights) if weights else 'missing'}"
 
     def labels(self) -> Sequence[str]:
         """Return the entity types the loaded model predicts."""
@@ -466,6 +463,33 @@ class NerBackend(Backend):
     ) -> list[dict[str, Any]] | None:
         """Answer an interactive call like a normal one (NER takes no clicks)."""
         return None
+
+
+def _spacy_data_dir(package: str) -> Path | None:
+    """Return the folder holding a spaCy pipeline's meta.json, without importing spaCy or the package."""
+    folder = Path(package)
+    if not folder.is_dir():
+        try:
+            found = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            return None
+        locations = list(found.submodule_search_locations or []) if found else []
+        if not locations:
+            return None
+        folder = Path(locations[0])
+    if (folder / "meta.json").is_file() and (folder / "config.cfg").is_file():
+        return folder
+    # an installed package keeps its data in <package>/<name>-<version>/
+    nested = sorted(p.parent for p in folder.glob("*/config.cfg") if (p.parent / "meta.json").is_file())
+    return nested[0] if nested else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _factory(nlp: Any, name: str) -> str:

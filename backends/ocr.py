@@ -207,14 +207,15 @@ class OCRBackend(Backend):
         return None
 
     # ---- runtime ----
-    def _engine_files(self) -> list[Path]:
-        engine, langs = parse_model_name(self.spec.name) or ("easyocr", ())
+    @staticmethod
+    def _engine_files(spec: ModelSpec, settings: Settings) -> list[Path]:
+        engine, langs = parse_model_name(spec.name) or ("easyocr", ())
         if engine == "tesseract":
             names = [tesseract_lang(lang) for lang in langs] or ["eng"]
-            folder = resolve_tessdata(names, self.spec.path, getattr(self.settings, "tessdata_dir", ""))
+            folder = resolve_tessdata(names, spec.path, getattr(settings, "tessdata_dir", ""))
             return [folder / f"{n}.traineddata" for n in names] if folder else []
         langs = langs or ("en",)
-        folder = resolve_easyocr_dir(langs, self.spec.path, getattr(self.settings, "easyocr_model_dir", ""))
+        folder = resolve_easyocr_dir(langs, spec.path, getattr(settings, "easyocr_model_dir", ""))
         return [folder / f for f in easyocr_required_files(langs)] if folder else []
 
     def load(self, device: str) -> None:
@@ -243,10 +244,11 @@ class OCRBackend(Backend):
             self.device = self._engine.device
         log.info("OCR engine %s loaded on %s", self.spec.name, self.device)
 
-    def version(self) -> str:
-        """Return the engine name with a fingerprint of its weight files."""
-        prints = "-".join(weights_fingerprint(path) for path in self._engine_files()) or "missing"
-        return f"{self.spec.name}-{prints}"
+    @classmethod
+    def version_of(cls, spec: ModelSpec, settings: Settings) -> str:
+        """Return the engine name with a fingerprint of its weight files' content."""
+        prints = "-".join(weights_fingerprint(path) for path in cls._engine_files(spec, settings))
+        return f"{spec.name}-{prints or 'missing'}"
 
     def labels(self) -> Sequence[str]:
         """Return the one model label."""

@@ -172,14 +172,49 @@ class Claim:
     linked: Mapping[str, ControlTag] = field(default_factory=dict)
 
 
+# Bytes read from each of a large file's start, middle and end: enough to tell two checkpoints apart
+# (training changes every tensor), cheap enough for every /setup (a 2.5 GB file costs three reads).
+_SAMPLE_BYTES = 1 << 20
+_fingerprints: dict[tuple[str, int, int, int], str] = {}
+_fingerprints_lock = threading.Lock()
+
+
 def weights_fingerprint(path: str | Path) -> str:
-    """Return a short fingerprint of a weights file (name, size, mtime) that changes with the file."""
+    """Return a short fingerprint of a weights file's content (or a folder's files), "missing" when absent.
+
+    Content, not name or mtime: two replicas that downloaded the same weights at different times, or
+    a restarted server, give the same fingerprint; replacing a checkpoint changes it. Files up to 3 MiB
+    are hashed whole; larger ones by size and three 1 MiB samples. Cached per (path, size, mtime, inode).
+    """
     p = Path(path)
-    if not p.exists():
+    try:
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            parts = [f"{f.relative_to(p)}={weights_fingerprint(f)}" for f in files]
+            return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:8] if parts else "missing"
+        stat = p.stat()
+    except OSError:
         return "missing"
-    stat = p.stat()
-    ident = f"{p.name}:{stat.st_size}:{int(stat.st_mtime)}"
-    return hashlib.sha1(ident.encode()).hexdigest()[:8]
+    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    with _fingerprints_lock:
+        cached = _fingerprints.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha1(str(stat.st_size).encode())
+    try:
+        with open(p, "rb") as fh:
+            if stat.st_size <= 3 * _SAMPLE_BYTES:
+                digest.update(fh.read())
+            else:
+                for offset in (0, stat.st_size // 2, stat.st_size - _SAMPLE_BYTES):
+                    fh.seek(offset)
+                    digest.update(fh.read(_SAMPLE_BYTES))
+    except OSError:
+        return "missing"
+    result = digest.hexdigest()[:8]
+    with _fingerprints_lock:
+        _fingerprints[key] = result
+    return result
 
 
 class Backend(ABC):
@@ -248,13 +283,23 @@ class Backend(ABC):
         return None
 
     # ---- runtime (instance level, in the worker process) ----
+    @classmethod
+    def version_of(cls, spec: ModelSpec, settings: Settings) -> str:
+        """Return what identifies this model's answers: its name and its weights (feeds model_version).
+
+        A pure function of the spec, the settings and the files or packages the weights come from
+        (see weights_fingerprint): computable before load(), the same in every worker and after a
+        restart, and changed only when the model or its weights change. Never load state or errors.
+        """
+        return spec.name
+
     @abstractmethod
     def load(self, device: str) -> None:
         """Load weights onto the device; called once per worker process, off the request path."""
 
     def version(self) -> str:
-        """Return a stable id of the model and its weights (feeds model_version)."""
-        return self.spec.name
+        """Return version_of() for this instance's spec: the same before and after load()."""
+        return type(self).version_of(self.spec, self.settings)
 
     def labels(self) -> Sequence[str]:
         """Return the model's vocabulary (for label maps and docs)."""

@@ -646,7 +646,15 @@ class JobRunner:
             got = len(predictions) if isinstance(predictions, list) else type(predictions).__name__
             raise RuntimeError(f"predict returned {got} predictions for {len(tasks)} tasks")
         reasons = {int(f.index): str(f.reason) for f in failures if getattr(f, "index", None) is not None}
-        return [(p if isinstance(p, dict) else None, reasons.get(i)) for i, p in enumerate(predictions)]
+        out: list[tuple[dict[str, Any] | None, str | None]] = []
+        for i, p in enumerate(predictions):
+            pred = p if isinstance(p, dict) else None
+            reason = reasons.get(i)
+            if pred is not None and "result" not in pred:
+                # a failed task answers without "result" (so Label Studio retries it): an error here
+                reason = reason or str(pred.get("error") or "the server returned no result for this task")
+            out.append((pred, reason))
+        return out
 
     def predict_chunk(
         self, label_config: str, tasks: list[dict[str, Any]]

@@ -116,7 +116,6 @@ class Runtime:
         self._lock = threading.Lock()
         self._device: str | None = None
         self._pool = ThreadPoolExecutor(max(1, self.settings.preprocess_threads), thread_name_prefix="prep")
-        self.versions: list[str] = []
         self.client: Any = None
         # The SDK's config parser takes ~1.5 s to import: do it off the request path so the
         # first /setup (Label Studio waits 3 s) answers in milliseconds.
@@ -247,23 +246,31 @@ class Runtime:
         if problems:
             raise ModelUnavailable("cannot serve this labeling config: " + "; ".join(problems))
 
+    def servable(self, plan: Plan) -> bool:
+        """Return True when every model of a plan can load here (cheap checks only, nothing loads)."""
+        for spec in plan.specs:
+            try:
+                if self.family(spec).availability(spec, self.settings) is not None:
+                    return False
+            except Exception:
+                return False
+        return True
+
     def model_version(self, plan: Plan) -> str:
-        """Return the version of a plan's models: changes when a model or its weights change."""
+        """Return the version of a plan's models: a pure function of their identities and weights.
+
+        Computed from each family's version_of() (names, weights fingerprints), never from load state,
+        so every worker, a restarted server and a model still loading give the same string, and it
+        changes only when a model or its weights change (MODEL_VERSION overrides it).
+        """
         if self.settings.model_version:
-            version = self.settings.model_version
-        else:
-            parts = []
-            for spec in plan.specs:
-                try:
-                    parts.append(f"{spec.key}={self.slot(spec, start=False).backend.version()}")
-                except Exception as exc:
-                    parts.append(f"{spec.key}=error:{exc}")
-            digest = hashlib.sha1("|".join(sorted(parts)).encode()).hexdigest()[:8]
-            families = "+".join(sorted({spec.family for spec in plan.specs}))
-            version = f"{families}-{digest}"
-        if version not in self.versions:
-            self.versions.append(version)
-        return version
+            return self.settings.model_version
+        parts = sorted(
+            f"{spec.key}={self.family(spec).version_of(spec, self.settings)}" for spec in plan.specs
+        )
+        digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
+        families = "+".join(sorted({spec.family for spec in plan.specs}))
+        return f"{families}-{digest}"
 
     # ---- prediction ----
     def _prepare(
@@ -305,7 +312,15 @@ class Runtime:
         failures: list[TaskFailure] | None = None,
         timeout_s: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Return exactly one prediction per task, in task order; failed tasks get an empty result."""
+        """Return exactly one entry per task, in task order.
+
+        A task the models ran on gets {"result": [...], "score", "model_version"} (an empty result
+        when they found nothing). A task that failed (model loading, deadline, download, bad input)
+        gets {"model_version", "error"} and no "result": Label Studio stores only entries with a
+        result, so "Retrieve predictions" asks for that task again instead of keeping an empty
+        prediction of the current version for good. Interactive calls are never stored, so their
+        failures answer an empty result (with the error) that the labeling page can show as nothing.
+        """
         plan = self.plan(label_config)
         version = self.model_version(plan)
         timeout = self.settings.predict_timeout_s if timeout_s is None else timeout_s
@@ -357,8 +372,15 @@ class Runtime:
                 if failures is not None:
                     failures.append(TaskFailure(i, task_id, reasons[i]))
                 self.metrics.tasks.labels("failed" if not items else "partial").inc()
-            else:
-                self.metrics.tasks.labels("ok").inc()
+                if interactive:
+                    predictions.append(
+                        {"result": [], "score": 0.0, "model_version": version, "error": reasons[i]}
+                    )
+                else:
+                    # a partial result is not kept either: stored, it would never be completed
+                    predictions.append({"model_version": version, "error": reasons[i]})
+                continue
+            self.metrics.tasks.labels("ok").inc()
             predictions.append({"result": items, "score": prediction_score(items), "model_version": version})
         return predictions
 

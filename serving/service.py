@@ -10,6 +10,7 @@ from typing import Any
 from serving.errors import BadRequest
 from serving.runtime import Runtime, TaskFailure
 from serving.settings import Settings
+from serving.versions import SeenConfigs
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class ModelService:
         """Keep the settings and the runtime (built by the composition root)."""
         self.settings = settings
         self.runtime = runtime
+        self.seen = SeenConfigs(settings.model_path / "configs")
         self._projects: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -46,6 +48,7 @@ class ModelService:
             self._configure_fallback(hostname, access_token)
         with self._lock:
             self._projects[str(project)] = {"schema": schema, "extra_params": dict(extra_params or {})}
+        self.seen.add(schema)
         return self.runtime.model_version(plan)
 
     def _configure_fallback(self, hostname: str, access_token: str) -> None:
@@ -81,7 +84,9 @@ class ModelService:
                 "no label_config in the request and no /setup seen for this project; "
                 "send 'label_config' with the tasks"
             )
-        return self.runtime.predict(config, tasks, context=context, failures=failures)
+        predictions = self.runtime.predict(config, tasks, context=context, failures=failures)
+        self.seen.add(config)  # planned without error: a config this server serves
+        return predictions
 
     def fit(self, event: str, data: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Acknowledge Label Studio events; these pretrained models do not train on annotations."""
@@ -89,5 +94,21 @@ class ModelService:
         return {"status": "ok", "event": event, "trained": False}
 
     def versions(self) -> list[str]:
-        """Return the model versions this process has served."""
-        return list(self.runtime.versions)
+        """Return the versions this server can serve now for every config it has seen (newest first).
+
+        Recomputed from the configs kept under MODEL_DIR, so every worker, replica and restart
+        answers the same list, and a version whose models can no longer load is not offered.
+        """
+        versions: list[str] = []
+        for config in self.seen.configs():
+            try:
+                plan = self.runtime.plan(config)
+                if not self.runtime.servable(plan):
+                    continue
+                version = self.runtime.model_version(plan)
+            except Exception as exc:  # a config this server no longer plans (a family removed)
+                log.debug("config %s not listed in /versions: %s", self.seen.key(config), exc)
+                continue
+            if version not in versions:
+                versions.append(version)
+        return versions

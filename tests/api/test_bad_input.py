@@ -1,4 +1,4 @@
-"""Bad input, table-driven: each case gets a clear 4xx or a per-task empty result; never a 500."""
+"""Bad input, table-driven: each case gets a clear 4xx or a per-task error entry (retryable); never a 500."""
 
 from __future__ import annotations
 
@@ -137,10 +137,18 @@ def text_task(text: Any) -> dict[str, Any]:
 Check = Callable[[dict[str, Any]], None]
 
 
-def empty(results: dict[str, Any]) -> None:
-    assert len(results["results"]) == 1
-    assert results["results"][0]["result"] == []
-    assert results["results"][0]["score"] == 0.0
+def failed(results: dict[str, Any]) -> None:
+    """One entry, with the reason and no "result": Label Studio stores nothing, so it asks again."""
+    (entry,) = results["results"]
+    assert "result" not in entry, entry
+    assert isinstance(entry["error"], str) and entry["error"], entry
+    assert entry["model_version"]
+
+
+def nothing(results: dict[str, Any]) -> None:
+    """One entry with an empty result: the model ran and found nothing (stored, never asked again)."""
+    (entry,) = results["results"]
+    assert entry["result"] == [] and entry["score"] == 0.0 and "error" not in entry, entry
 
 
 def regions(n: int | None = None, size: tuple[int, int] | None = None) -> Check:
@@ -188,20 +196,20 @@ CASES: list[tuple[str, Callable[[str], Any], int, Check | None]] = [
     ),
     ("too many tasks", lambda u: {"tasks": [{"data": {"text": "a"}}] * 101, "label_config": NER}, 413, None),
     ("context not an object", lambda u: {**text_task("Bob"), "params": {"context": "x"}}, 400, None),
-    ("task without data", lambda u: {"tasks": [{"id": 1}], "label_config": RECT}, 200, empty),
-    ("task is a string", lambda u: {"tasks": ["hello"], "label_config": RECT}, 200, empty),
-    ("data is a list", lambda u: {"tasks": [{"data": [1]}], "label_config": RECT}, 200, empty),
-    ("$value key absent", lambda u: {"tasks": [{"data": {"img": "x"}}], "label_config": RECT}, 200, empty),
-    ("image value is a number", lambda u: image_task(42), 200, empty),  # type: ignore[arg-type]
-    ("empty image url", lambda u: image_task(""), 200, empty),
-    ("image 404", lambda u: image_task(f"{u}/nope.png"), 200, empty),
-    ("image timeout", lambda u: image_task(f"{u}/slow.png"), 200, empty),
-    ("redirect loop", lambda u: image_task(f"{u}/loop"), 200, empty),
-    ("html instead of image", lambda u: image_task(f"{u}/html.png"), 200, empty),
-    ("truncated jpeg", lambda u: image_task(f"{u}/truncated.jpg"), 200, empty),
-    ("corrupt jpeg", lambda u: image_task(f"{u}/corrupt.jpg"), 200, empty),
-    ("decompression bomb 20000x20000", lambda u: image_task(f"{u}/bomb.png"), 200, empty),
-    ("download over size limit", lambda u: image_task(f"{u}/big.bin"), 200, empty),
+    ("task without data", lambda u: {"tasks": [{"id": 1}], "label_config": RECT}, 200, failed),
+    ("task is a string", lambda u: {"tasks": ["hello"], "label_config": RECT}, 200, failed),
+    ("data is a list", lambda u: {"tasks": [{"data": [1]}], "label_config": RECT}, 200, failed),
+    ("$value key absent", lambda u: {"tasks": [{"data": {"img": "x"}}], "label_config": RECT}, 200, failed),
+    ("image value is a number", lambda u: image_task(42), 200, failed),  # type: ignore[arg-type]
+    ("empty image url", lambda u: image_task(""), 200, failed),
+    ("image 404", lambda u: image_task(f"{u}/nope.png"), 200, failed),
+    ("image timeout", lambda u: image_task(f"{u}/slow.png"), 200, failed),
+    ("redirect loop", lambda u: image_task(f"{u}/loop"), 200, failed),
+    ("html instead of image", lambda u: image_task(f"{u}/html.png"), 200, failed),
+    ("truncated jpeg", lambda u: image_task(f"{u}/truncated.jpg"), 200, failed),
+    ("corrupt jpeg", lambda u: image_task(f"{u}/corrupt.jpg"), 200, failed),
+    ("decompression bomb 20000x20000", lambda u: image_task(f"{u}/bomb.png"), 200, failed),
+    ("download over size limit", lambda u: image_task(f"{u}/big.bin"), 200, failed),
     ("1x1 image", lambda u: image_task(f"{u}/tiny.png"), 200, regions(size=(1, 1))),
     ("cmyk jpeg", lambda u: image_task(f"{u}/cmyk.jpg"), 200, regions(size=(64, 48))),
     ("16-bit png", lambda u: image_task(f"{u}/16bit.png"), 200, regions(size=(64, 48))),
@@ -210,27 +218,27 @@ CASES: list[tuple[str, Callable[[str], Any], int, Check | None]] = [
     ("palette gif", lambda u: image_task(f"{u}/palette.gif"), 200, regions(size=(64, 48))),
     ("exif-rotated jpeg", lambda u: image_task(f"{u}/exif.jpg"), 200, regions(size=(32, 64))),
     ("local-files ok", lambda u: image_task("/data/local-files/?d=ok.png"), 200, regions(size=(64, 48))),
-    ("local-files traversal", lambda u: image_task("/data/local-files/?d=../../etc/passwd"), 200, empty),
+    ("local-files traversal", lambda u: image_task("/data/local-files/?d=../../etc/passwd"), 200, failed),
     (
         "local-files encoded traversal",
         lambda u: image_task("/data/local-files/?d=%2e%2e/%2e%2e/etc/passwd"),
         200,
-        empty,
+        failed,
     ),
     (
         "s3 without task id",
         lambda u: {"tasks": [{"data": {"image": "s3://bucket/a.png"}}], "label_config": RECT},
         200,
-        empty,
+        failed,
     ),
     (
         "cloud metadata address",
         lambda u: image_task("http://169.254.169.254/latest/meta-data/iam"),
         200,
-        empty,
+        failed,
     ),
-    ("ipv6 metadata address", lambda u: image_task("http://[fd00:ec2::254]/latest/meta-data"), 200, empty),
-    ("file:// scheme", lambda u: image_task("file:///etc/passwd"), 200, empty),
+    ("ipv6 metadata address", lambda u: image_task("http://[fd00:ec2::254]/latest/meta-data"), 200, failed),
+    ("file:// scheme", lambda u: image_task("file:///etc/passwd"), 200, failed),
     (
         "data uri image",
         lambda u: image_task(
@@ -239,13 +247,13 @@ CASES: list[tuple[str, Callable[[str], Any], int, Check | None]] = [
         200,
         regions(size=(64, 48)),
     ),
-    ("data uri garbage", lambda u: image_task("data:image/png;base64,!!!!"), 200, empty),
+    ("data uri garbage", lambda u: image_task("data:image/png;base64,!!!!"), 200, failed),
     ("LS upload ok", lambda u: image_task("/data/upload/1/ok.png"), 200, regions(size=(64, 48))),
-    ("LS answers 500 (retried, then empty)", lambda u: image_task("/data/upload/1/e500.png"), 200, empty),
-    ("LS answers 401", lambda u: image_task("/data/upload/1/e401.png"), 200, empty),
-    ("empty text", lambda u: text_task(""), 200, empty),
-    ("text of 10 MB", lambda u: text_task("Bob " * 2_500_000), 200, empty),
-    ("text is a list", lambda u: text_task(["Bob"]), 200, empty),
+    ("LS answers 500 (retried, then an error entry)", lambda u: image_task("/data/upload/1/e500.png"), 200, failed),
+    ("LS answers 401", lambda u: image_task("/data/upload/1/e401.png"), 200, failed),
+    ("empty text", lambda u: text_task(""), 200, nothing),
+    ("text of 10 MB", lambda u: text_task("Bob " * 2_500_000), 200, failed),
+    ("text is a list", lambda u: text_task(["Bob"]), 200, failed),
     ("non-utf8 text url", lambda u: text_task(f"{u}/latin1.txt"), 200, regions()),
     ("lone surrogate text", lambda u: text_task("Bob \ud800 Alice"), 200, None),
 ]
@@ -296,7 +304,7 @@ def test_brush_heavy_config_with_1000_regions(client, server) -> None:
     assert elapsed < 30
 
 
-def test_label_studio_unreachable_gives_empty_results_quickly(tmp_path: Path) -> None:
+def test_label_studio_unreachable_gives_error_entries_quickly(tmp_path: Path) -> None:
     settings = Settings(
         model_dir=str(tmp_path), label_studio_url="http://127.0.0.1:9", download_timeout_s=1.0
     )
@@ -304,7 +312,7 @@ def test_label_studio_unreachable_gives_empty_results_quickly(tmp_path: Path) ->
     started = time.perf_counter()
     response = client.post("/predict", json=image_task("/data/upload/1/a.png"))
     assert response.status_code == 200
-    empty(response.json)
+    failed(response.json)
     assert time.perf_counter() - started < 5
 
 

@@ -288,7 +288,7 @@ def test_default_model_prefers_local_transformers_weights(tmp_path: Path) -> Non
 def test_availability_says_what_is_missing(tmp_path: Path) -> None:
     settings = Settings(model_dir=str(tmp_path))
     reason = NerBackend.availability(ModelSpec("ner", "someone/no-such-ner"), settings)
-    assert reason is not None and "huggingface-cli download someone/no-such-ner" in reason
+    assert reason is not None and "python -m serving weights download --model someone/no-such-ner" in reason
     assert "model_path" in (
         NerBackend.availability(ModelSpec("ner", "x", str(tmp_path / "nope")), settings) or ""
     )

@@ -63,9 +63,10 @@ class FakeNER(Backend):
         if self.load_error:
             raise RuntimeError(self.load_error)
 
-    def version(self) -> str:
+    @classmethod
+    def version_of(cls, spec: ModelSpec, settings: Any) -> str:
         """Return a version that changes with the fake weights."""
-        return f"{self.spec.name}:{self.weights_version}"
+        return f"{spec.name}:{cls.weights_version}"
 
     def labels(self) -> list[str]:
         """Return the fake vocabulary."""
