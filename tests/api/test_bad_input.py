@@ -249,7 +249,7 @@ CASES: list[tuple[str, Callable[[str], Any], int, Check | None]] = [
     ),
     ("data uri garbage", lambda u: image_task("data:image/png;base64,!!!!"), 200, failed),
     ("LS upload ok", lambda u: image_task("/data/upload/1/ok.png"), 200, regions(size=(64, 48))),
-    ("LS answers 500 (retried, then an error entry)", lambda u: image_task("/data/upload/1/e500.png"), 200, failed),
+    ("LS answers 500 (retried, then error)", lambda u: image_task("/data/upload/1/e500.png"), 200, failed),
     ("LS answers 401", lambda u: image_task("/data/upload/1/e401.png"), 200, failed),
     ("empty text", lambda u: text_task(""), 200, nothing),
     ("text of 10 MB", lambda u: text_task("Bob " * 2_500_000), 200, failed),
