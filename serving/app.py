@@ -6,6 +6,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -129,7 +130,10 @@ def create_app(
         return jsonify(body), 500
 
     def _health() -> Response:
-        return jsonify({"status": "UP", "model_class": model.model_class, "backends": runtime.status()})
+        # pid: which gunicorn worker (or replica) answered, for operators and the multi-worker tests
+        return jsonify(
+            {"status": "UP", "model_class": model.model_class, "backends": runtime.status(), "pid": os.getpid()}
+        )
 
     app.add_url_rule("/", "index", _health, methods=["GET"])
     app.add_url_rule("/health", "health", _health, methods=["GET"])

@@ -175,7 +175,7 @@ class Claim:
 # Bytes read from each of a large file's start, middle and end: enough to tell two checkpoints apart
 # (training changes every tensor), cheap enough for every /setup (a 2.5 GB file costs three reads).
 _SAMPLE_BYTES = 1 << 20
-_fingerprints: dict[tuple[str, int, int, int], str] = {}
+_fingerprints: dict[tuple[str, int, int, int, int], str] = {}
 _fingerprints_lock = threading.Lock()
 
 
@@ -184,7 +184,7 @@ def weights_fingerprint(path: str | Path) -> str:
 
     Content, not name or mtime: two replicas that downloaded the same weights at different times, or
     a restarted server, give the same fingerprint; replacing a checkpoint changes it. Files up to 3 MiB
-    are hashed whole; larger ones by size and three 1 MiB samples. Cached per (path, size, mtime, inode).
+    are hashed whole; larger ones by size and three 1 MiB samples. Cached per (path, size, times, inode).
     """
     p = Path(path)
     try:
@@ -195,7 +195,8 @@ def weights_fingerprint(path: str | Path) -> str:
         stat = p.stat()
     except OSError:
         return "missing"
-    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    # ctime too: any write changes it, even one that restores the size and mtime (cp -p, rsync -t)
+    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     with _fingerprints_lock:
         cached = _fingerprints.get(key)
     if cached is not None:

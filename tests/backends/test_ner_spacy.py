@@ -48,7 +48,9 @@ def _target(
 @pytest.fixture(scope="module")
 def nlp_backend() -> NerBackend:
     backend = NerBackend(ModelSpec("ner", "en_core_web_sm"), Settings())
+    before = backend.version()  # the version Label Studio sees while spaCy loads ...
     backend.load("cpu")
+    assert backend.version() == before  # ... is the version it sees after: no second prediction tab
     return backend
 
 

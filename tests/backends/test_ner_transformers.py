@@ -143,7 +143,9 @@ def _target(labels: tuple[str, ...] = ("PER", "ORG", "LOC")) -> Target:
 
 def _load(folder: Path, settings: Settings | None = None, name: str = "") -> NerBackend:
     backend = NerBackend(ModelSpec("ner", name or str(folder)), settings or Settings())
+    before = backend.version()
     backend.load("cpu")
+    assert backend.version() == before and not before.endswith("@missing")
     return backend
 
 

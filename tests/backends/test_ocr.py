@@ -41,7 +41,9 @@ def backend() -> Iterator[OCRBackend]:
     spec = ModelSpec("ocr", "easyocr")
     assert OCRBackend.availability(spec, Settings()) is None
     ocr = OCRBackend(spec, Settings())
+    before = ocr.version()
     ocr.load("cpu")
+    assert ocr.version() == before and "missing" not in before
     yield ocr
     ocr.close()
 

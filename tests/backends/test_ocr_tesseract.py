@@ -39,7 +39,9 @@ pytestmark = pytest.mark.skipif(_missing is not None, reason=f"Tesseract not ins
 def backend() -> Iterator[OCRBackend]:
     """Load Tesseract once for the module, with two page threads."""
     ocr = OCRBackend(SPEC, Settings())
+    before = ocr.version()
     ocr.load("cpu")
+    assert ocr.version() == before and "missing" not in before
     yield ocr
     ocr.close()
 

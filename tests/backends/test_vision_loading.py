@@ -31,15 +31,22 @@ def shrink(backend: Any, min_size: int = 96, max_size: int = 128) -> None:
 
 
 def loaded(cls: Any, family: str, name: str, tmp_path: Path, path: str = "") -> Any:
-    """Return a backend of `cls` after availability() passed and load('cpu') ran."""
+    """Return a backend of `cls` after availability() passed and load('cpu') ran.
+
+    Every family's version is the same before and after load (model_version must not flip while a
+    model loads) and names a real weights fingerprint.
+    """
     spec = ModelSpec(family, name, path)
     s = settings(tmp_path)
     assert cls.availability(spec, s) is None
     backend = cls(spec, s)
+    before = backend.version()
     backend.score_floor = 0.0  # random weights score ~1/num_classes: let some boxes through
     backend.detections_per_img = 3
     backend.load("cpu")
     assert backend.device == "cpu"
+    assert backend.version() == before == cls.version_of(spec, settings(tmp_path))
+    assert "missing" not in before
     return backend
 
 
