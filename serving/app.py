@@ -132,7 +132,12 @@ def create_app(
     def _health() -> Response:
         # pid: which gunicorn worker (or replica) answered, for operators and the multi-worker tests
         return jsonify(
-            {"status": "UP", "model_class": model.model_class, "backends": runtime.status(), "pid": os.getpid()}
+            {
+                "status": "UP",
+                "model_class": model.model_class,
+                "backends": runtime.status(),
+                "pid": os.getpid(),
+            }
         )
 
     app.add_url_rule("/", "index", _health, methods=["GET"])
