@@ -29,13 +29,26 @@ _TASK = {
 }
 
 _PREDICTION = {
-    "type": "object",
-    "required": ["result", "score", "model_version"],
-    "properties": {
-        "result": {"type": "array", "items": {"type": "object"}},
-        "score": {"type": "number"},
-        "model_version": {"type": "string"},
-    },
+    "oneOf": [
+        {
+            "type": "object",
+            "description": "The models ran on the task (an empty result: they found nothing)",
+            "required": ["result", "score", "model_version"],
+            "properties": {
+                "result": {"type": "array", "items": {"type": "object"}},
+                "score": {"type": "number"},
+                "model_version": {"type": "string"},
+                "error": {"type": "string", "description": "interactive calls only: why result is empty"},
+            },
+        },
+        {
+            "type": "object",
+            "description": "The task failed: no result, so Label Studio stores nothing and asks again later",
+            "required": ["model_version", "error"],
+            "not": {"required": ["result"]},
+            "properties": {"model_version": {"type": "string"}, "error": {"type": "string"}},
+        },
+    ]
 }
 
 
@@ -64,6 +77,7 @@ def spec() -> dict[str, Any]:
                 "status": {"type": "string", "enum": ["UP"]},
                 "model_class": {"type": "string"},
                 "backends": {"type": "object", "additionalProperties": {"type": "string"}},
+                "pid": {"type": "integer", "description": "the worker process that answered"},
             },
         }
     )

@@ -300,3 +300,19 @@ def test_gunicorn_worker_exit_shuts_the_app_down(tmp_path: Path) -> None:
     hooks = runpy.run_path(str(Path(__file__).resolve().parents[2] / "gunicorn.conf.py"))
     hooks["worker_exit"](None, types.SimpleNamespace(wsgi=app))
     assert not any(b.alive for b in batchers)
+
+
+def test_predict_entries_match_the_documented_schema(client) -> None:
+    """Predicted, found-nothing and failed entries all validate against /openapi.json's prediction schema."""
+    import jsonschema
+
+    config = fixture_request("predict_single_open_task")["body"]["label_config"]
+    tasks = [{"id": 1, "data": {"text": "Bob went home"}}, {"id": 2, "data": {"text": "nothing"}}, {"id": 3}]
+    results = client.post("/predict", json={"tasks": tasks, "label_config": config}).json["results"]
+    assert [bool(r.get("result")) for r in results] == [True, False, False]
+    assert results[1]["result"] == [] and "result" not in results[2]
+    doc = client.get("/openapi.json").json
+    body = doc["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    jsonschema.validate({"results": results}, body)
+    with pytest.raises(jsonschema.ValidationError):  # the schema does tell them apart
+        jsonschema.validate({"results": [{"model_version": "v", "result": [], "error": 5}]}, body)
