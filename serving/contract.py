@@ -143,6 +143,8 @@ class Item:
     obj: ObjectTag
     image: Image.Image | None = None
     text: str | None = None
+    # Structured task data for objects that are not a string (Paragraphs: the list of paragraph objects).
+    value: Any = None
     context: Mapping[str, Any] | None = None
     # Set when the image was decoded smaller than it is (see Backend.input_scale): the size LS shows.
     original_size: tuple[int, int] | None = None
