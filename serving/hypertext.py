@@ -336,8 +336,12 @@ class HtmlDocument:
 
 
 def same_text(a: str, b: str) -> bool:
-    """Return True when two texts are equal once all white space is removed (how the editor compares)."""
-    return _ANY_WS.sub("", a) == _ANY_WS.sub("", b)
+    """Return True when two texts are equal once each run of white space is one space (as a page shows them).
+
+    Stricter than the editor's own check (which removes all white space), so that a range one
+    character off onto a space is still caught.
+    """
+    return _ANY_WS.sub(" ", a) == _ANY_WS.sub(" ", b)
 
 
 class _Builder:
