@@ -241,6 +241,15 @@ class NerBackend(Backend):
         return bool(name.strip())
 
     @classmethod
+    def supported(cls) -> tuple[str, ...]:
+        """Return the control/object pairs this family fills."""
+        pairs: dict[str, list[str]] = {}
+        for obj_tag, controls in _CONTROLS_OF_OBJECT.items():
+            for control in sorted(controls):
+                pairs.setdefault(control, []).append(obj_tag)
+        return tuple(f"{control} on {', '.join(objs)}" for control, objs in pairs.items())
+
+    @classmethod
     def claim(cls, obj: ObjectTag, controls: Sequence[ControlTag], settings: Any) -> list[Claim]:
         """Claim span controls on the objects that can show them (HyperTextLabels only on HyperText...)."""
         allowed = _CONTROLS_OF_OBJECT.get(obj.tag, frozenset())

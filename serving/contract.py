@@ -280,6 +280,11 @@ class Backend(ABC):
         return claims
 
     @classmethod
+    def supported(cls) -> tuple[str, ...]:
+        """Return what this family fills, as "Control on Object, ..." phrases (for error messages)."""
+        return tuple(f"{tag} on {', '.join(cls.object_tags)}" for tag in cls.control_tags)
+
+    @classmethod
     def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
         """Return None when the model can load, else why not and how to fix it (cheap check)."""
         return None

@@ -77,16 +77,11 @@ def _by_control(prediction: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
     for r in prediction["result"]:
         v = r["value"]
         label = v[r["type"]][0]
-        if r["type"] == "labels" and "startOffset" not in v:
-            out.setdefault(r["from_name"], []).append((label, v["text"], v["start"], v["end"]))
-        elif "globalOffsets" in v:
-            out.setdefault(r["from_name"], []).append(
-                (label, v["text"], v["start"], v["startOffset"], v["end"], v["endOffset"])
-            )
-        else:
-            out.setdefault(r["from_name"], []).append(
-                (label, v["text"], v["start"], v["startOffset"], v["end"], v["endOffset"])
-            )
+        if "startOffset" in v:  # HyperText and Paragraphs ranges
+            row: tuple[Any, ...] = (label, v["text"], v["start"], v["startOffset"], v["end"], v["endOffset"])
+        else:  # Text spans
+            row = (label, v["text"], v["start"], v["end"])
+        out.setdefault(r["from_name"], []).append(row)
     return out
 
 
