@@ -143,6 +143,8 @@ class Item:
     obj: ObjectTag
     image: Image.Image | None = None
     text: str | None = None
+    # Structured task data for objects that are not a string (Paragraphs: the list of paragraph objects).
+    value: Any = None
     context: Mapping[str, Any] | None = None
     # Set when the image was decoded smaller than it is (see Backend.input_scale): the size LS shows.
     original_size: tuple[int, int] | None = None
@@ -277,6 +279,11 @@ class Backend(ABC):
                 )
             )
         return claims
+
+    @classmethod
+    def supported(cls) -> tuple[str, ...]:
+        """Return what this family fills, as "Control on Object, ..." phrases (for error messages)."""
+        return tuple(f"{tag} on {', '.join(cls.object_tags)}" for tag in cls.control_tags)
 
     @classmethod
     def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:

@@ -165,9 +165,7 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         families=families,
     )
     if not plan.targets:
-        supported = sorted(
-            {f"{t} on {', '.join(cls.object_tags)}" for cls in families.values() for t in cls.control_tags}
-        )
+        supported = sorted({phrase for cls in families.values() for phrase in cls.supported()})
         found = ", ".join(f'<{c.tag} name="{c.name}">' for c in controls) or "no control tags"
         raise ConfigError(
             f"this server cannot fill any control tag of the labeling config (found {found}); "

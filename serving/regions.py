@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from serving.contract import Target
+    from serving.hypertext import HtmlRange
 
 # Control tags whose value carries the label list under the lower-cased tag name.
 LABELED_GEOMETRY = {
@@ -250,6 +251,47 @@ def span_item(
 ) -> dict[str, Any]:
     """Build a text span item (character offsets into the task text)."""
     value = {"start": int(start), "end": int(end), "text": text, target.control.tag.lower(): [label]}
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
+
+
+def hypertext_span_item(
+    target: Target, span: HtmlRange, label: str, score: float, region_id: str | None = None
+) -> dict[str, Any]:
+    """Build a HyperText span item: start/end XPaths, UTF-16 offsets in those nodes, globalOffsets, text."""
+    value = span.value()
+    value[target.control.tag.lower()] = [label]
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
+
+
+def paragraph_span_item(
+    target: Target,
+    paragraph: int,
+    paragraph_text: str,
+    start: int,
+    end: int,
+    label: str,
+    score: float,
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a Paragraphs span item inside one paragraph (start/end are code point offsets into its text).
+
+    Label Studio addresses it by paragraph index as a string ("2"), as its editor stores it, and offsets
+    in UTF-16 code units inside the paragraph's text.
+    """
+    from serving.hypertext import utf16_offset
+
+    value = {
+        "start": str(int(paragraph)),
+        "end": str(int(paragraph)),
+        "startOffset": utf16_offset(paragraph_text, start),
+        "endOffset": utf16_offset(paragraph_text, end),
+        "text": paragraph_text[start:end],
+        target.control.tag.lower(): [label],
+    }
     return _base_item(
         target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
     )

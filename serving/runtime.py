@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ class Resolver(Protocol):
 
     def load_image(self, value: str, task_id: int | None = None, shrink: Shrink | None = None) -> Any: ...
 
-    def load_text(self, value: str, task_id: int | None = None) -> str: ...
+    def load_text(self, value: str, task_id: int | None = None, *, as_url: bool | None = None) -> str: ...
 
 
 @dataclass
@@ -298,11 +299,33 @@ class Runtime:
                 )
             item.image = self.resolver.load_image(value, task_id, shrink=backend.input_scale)
             item.original_size = item.image.info.get(ORIGINAL_SIZE)
+        elif kind == "text" and obj.tag == "Paragraphs":
+            item.value = self._paragraphs(value, obj, task_id)
         elif kind == "text":
             if not isinstance(value, str):
                 raise InputError(f"data['{obj.value_key}'] must be text or a URL, got {type(value).__name__}")
-            item.text = self.resolver.load_text(value, task_id)
+            if obj.tag == "HyperText":
+                # the editor fetches the value only with valueType="url"; otherwise it shows it as HTML
+                as_url = _attr(obj, "valueType").lower() == "url"
+                item.text = self.resolver.load_text(value, task_id, as_url=as_url)
+            else:
+                item.text = self.resolver.load_text(value, task_id)
         return item, backend.preprocess(item)
+
+    def _paragraphs(self, value: Any, obj: ObjectTag, task_id: int | None) -> list[Any]:
+        """Return a Paragraphs value: the list in the task, or the JSON list its URL serves (valueType="url")."""
+        if isinstance(value, str) and _attr(obj, "valueType").lower() == "url":
+            raw = self.resolver.load_text(value, task_id, as_url=True)
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                raise InputError(f"the Paragraphs URL did not return JSON: {exc}") from None
+        if not isinstance(value, list):
+            raise InputError(
+                f"data['{obj.value_key}'] must be a list of paragraph objects for <Paragraphs>, "
+                f"got {type(value).__name__}"
+            )
+        return value
 
     def predict(
         self,
@@ -494,6 +517,15 @@ class Runtime:
             batcher.close(max(0.0, deadline - time.monotonic()))
             if batcher.alive:
                 log.warning("model thread %s still running after %.0f s at close", batcher.name, timeout)
+
+
+def _attr(obj: ObjectTag, key: str) -> str:
+    """Return an object tag attribute, looked up case-insensitively."""
+    lowered = key.lower()
+    for name, value in obj.attrs.items():
+        if str(name).lower() == lowered:
+            return str(value)
+    return ""
 
 
 def _preimport() -> None:
