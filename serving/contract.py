@@ -291,6 +291,11 @@ class TrainingRun(ABC):
         """Return the number of epochs to train: the setting, else the family's default."""
         return self.epochs if self.epochs > 0 else default
 
+    def learning_rate_or(self, default: float) -> float:
+        """Return the learning rate: TRAIN_LEARNING_RATE when set, else the family's default."""
+        value = float(getattr(self.settings, "train_learning_rate", 0.0) or 0.0)
+        return value if value > 0 else default
+
     @abstractmethod
     def progress(
         self,

@@ -81,6 +81,7 @@ class Settings:
     )
     train_min_examples: int = 10  # fewer annotated tasks: the job ends "skipped", no new version
     train_epochs: int = 0  # 0 = the family's own default
+    train_learning_rate: float = 0.0  # 0 = the family's own default (transformers 5e-5, torchvision 0.005)
     train_keep_versions: int = 5  # trained versions kept per project and model (the active one always)
     train_device: str = ""  # "" = DEVICE, else cuda when available, else cpu
     train_allow_cpu: bool = False  # detection trains on CPU only when true (slow)
