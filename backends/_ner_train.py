@@ -114,7 +114,9 @@ def train_spacy(backend_cls: Any, run: TrainingRun, package: str) -> TrainResult
     """Update a spaCy pipeline's ner on the examples, rehearsing its own out-of-config entities."""
     import spacy
     from spacy.training import Example as SpacyExample
-    from spacy.util import filter_spans, minibatch
+    from spacy.util import filter_spans, fix_random_seed, minibatch
+
+    fix_random_seed(SEED)  # the same data gives the same model (dropout, initial weights of new labels)
 
     pretrained = spacy.load(package)
     ner_name = _ner_component(pretrained)

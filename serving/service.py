@@ -255,7 +255,9 @@ class ModelService:
             source = (
                 {"kind": "inline"} if tasks is not None else {"kind": "label_studio", "project_id": project}
             )
-            job_id, coalesced = self.training_store.request(project, spec, device, config, source, event)
+            job_id, coalesced = self.training_store.request(
+                project, spec, device, config, source, event, debounce_s=self.settings.train_debounce_s
+            )
             data_file = self.training_store.job_dir(job_id) / "data.json"
             if tasks is not None:
                 write_json_atomic(data_file, tasks)

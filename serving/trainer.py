@@ -366,7 +366,9 @@ def serve(
         while not stop.is_set():
             job = store.claim(device)
             if job is None:
-                if time.monotonic() - idle_since >= idle:
+                if device in store.has_work():
+                    idle_since = time.monotonic()  # a queued job waits for its burst to end: not idle
+                elif time.monotonic() - idle_since >= idle:
                     break
                 stop.wait(0.5)
                 continue

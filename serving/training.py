@@ -163,6 +163,7 @@ class TrainingJob:
     started_at: float | None = None
     updated_at: float | None = None
     finished_at: float | None = None
+    not_before: float = 0.0  # a queued job waits for the burst of requests that made it to end
 
     @property
     def spec(self) -> ModelSpec:
@@ -197,6 +198,7 @@ _COLUMNS = (
     "started_at",
     "updated_at",
     "finished_at",
+    "not_before",
 )
 
 
@@ -211,7 +213,7 @@ class TrainingStore:
         " attempts INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,"
         " progress TEXT NOT NULL DEFAULT '{}', metrics TEXT NOT NULL DEFAULT '{}', snapshot TEXT,"
         " version TEXT, model_version TEXT, error TEXT, reason TEXT, created_at REAL NOT NULL,"
-        " started_at REAL, updated_at REAL, finished_at REAL)",
+        " started_at REAL, updated_at REAL, finished_at REAL, not_before REAL NOT NULL DEFAULT 0)",
         "CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs (project, model_key, state)",
         "CREATE INDEX IF NOT EXISTS jobs_by_device ON jobs (device, state, created_at)",
     )
@@ -317,34 +319,39 @@ class TrainingStore:
         config: str,
         source: Mapping[str, Any],
         event: str,
+        debounce_s: float = 0.0,
+        max_delay_s: float = 60.0,
     ) -> tuple[str, bool]:
         """Record a training request for (project, model); return (job id, coalesced into a queued job).
 
         One transaction decides, so concurrent webhooks in several workers still make one job: a
         queued job takes the request (with the newest config and data source); otherwise (nothing
         queued, maybe one running) a new queued job is created: the running one's follow-up.
+        A queued job starts `debounce_s` after the last request that joined it (so that a burst
+        of annotation saves is one job), but never later than `max_delay_s` after it was created.
         """
         now = _now()
         with self.tx() as conn:
             row = conn.execute(
-                "SELECT id, events FROM jobs WHERE project = ? AND model_key = ? AND state = 'queued' "
+                "SELECT id, events, created_at FROM jobs WHERE project = ? AND model_key = ? AND state = 'queued' "
                 "ORDER BY created_at LIMIT 1",
                 (project, spec.key),
             ).fetchone()
             if row is not None:
                 events = json.loads(row[1] or "{}")
                 events[event] = events.get(event, 0) + 1
+                not_before = min(now + debounce_s, float(row[2]) + max(max_delay_s, debounce_s))
                 conn.execute(
-                    "UPDATE jobs SET requests = requests + 1, events = ?, config = ?, source = ?, updated_at = ? "
-                    "WHERE id = ?",
-                    (json.dumps(events), config, json.dumps(dict(source)), now, row[0]),
+                    "UPDATE jobs SET requests = requests + 1, events = ?, config = ?, source = ?, updated_at = ?,"
+                    " not_before = ? WHERE id = ?",
+                    (json.dumps(events), config, json.dumps(dict(source)), now, not_before, row[0]),
                 )
                 return str(row[0]), True
             job_id = uuid.uuid4().hex[:12]
             conn.execute(
                 "INSERT INTO jobs (id, project, model_key, family, model_name, model_path, device, state, config,"
-                " source, requests, events, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?,"
-                " 1, ?, ?, ?)",
+                " source, requests, events, created_at, updated_at, not_before) VALUES (?, ?, ?, ?, ?, ?, ?,"
+                " 'queued', ?, ?, 1, ?, ?, ?, ?)",
                 (
                     job_id,
                     project,
@@ -358,6 +365,7 @@ class TrainingStore:
                     json.dumps({event: 1}),
                     now,
                     now,
+                    now + debounce_s,
                 ),
             )
             return job_id, False
@@ -394,8 +402,9 @@ class TrainingStore:
                 break
             if row is None:
                 row = conn.execute(
-                    "SELECT id, attempts FROM jobs WHERE device = ? AND state = 'queued' ORDER BY created_at LIMIT 1",
-                    (device,),
+                    "SELECT id, attempts FROM jobs WHERE device = ? AND state = 'queued' AND not_before <= ?"
+                    " ORDER BY created_at LIMIT 1",
+                    (device, now),
                 ).fetchone()
             if row is None:
                 return None
@@ -499,6 +508,7 @@ class TrainingStore:
             "started_at": job.started_at,
             "updated_at": job.updated_at,
             "finished_at": job.finished_at,
+            "starts_after": job.not_before if job.state == "queued" else None,
             "log": str(log_path),
             "log_tail": tail,
         }

@@ -29,6 +29,7 @@ def make_app(tmp_path: Path, **kw: Any) -> tuple[Flask, ModelService, list[str]]
         model_dir=str(tmp_path / "model_dir"),
         max_wait_ms=1.0,
         train_min_examples=3,
+        train_debounce_s=0.0,
         label_studio_url="http://ls.invalid",
         label_studio_api_key="legacy-token",
     ).with_(**kw)
@@ -64,6 +65,9 @@ def replay(client: Any, name: str, **kw: Any) -> Any:
 def test_start_training_answers_at_once_with_the_job_id(tmp_path: Path) -> None:
     app, model, spawned = make_app(tmp_path)
     client = app.test_client()
+    # Label Studio connects first (/setup): the config parser is imported by then
+    config = fixture_request("webhook_START_TRAINING")["body"]["project"]["label_config"]
+    assert client.post("/setup", json={"project": "2.1", "schema": config}).status_code == 200
     started = time.perf_counter()
     response = replay(client, "webhook_START_TRAINING")
     elapsed = time.perf_counter() - started
@@ -86,8 +90,10 @@ def test_start_training_answers_at_once_with_the_job_id(tmp_path: Path) -> None:
 
 
 def test_a_burst_of_annotation_events_is_one_job_and_every_answer_is_fast(tmp_path: Path) -> None:
-    app, model, _ = make_app(tmp_path)
+    app, model, _ = make_app(tmp_path, train_events=("START_TRAINING", "ANNOTATION_CREATED"))
     client = app.test_client()
+    config = fixture_request("webhook_ANNOTATION_CREATED")["body"]["project"]["label_config"]
+    assert client.post("/setup", json={"project": "2.1", "schema": config}).status_code == 200
     times, ids = [], set()
     for _ in range(30):
         started = time.perf_counter()
@@ -121,7 +127,12 @@ def test_training_off_or_impossible(tmp_path: Path) -> None:
     body = replay(app.test_client(), "webhook_START_TRAINING").json
     assert body["trained"] is False and "job" not in body and model.training_store.jobs() == []
 
-    app, model, _ = make_app(tmp_path / "no-ls", label_studio_url="", label_studio_api_key="")
+    app, model, _ = make_app(
+        tmp_path / "no-ls",
+        label_studio_url="",
+        label_studio_api_key="",
+        train_events=("START_TRAINING", "ANNOTATION_CREATED"),
+    )
     client = app.test_client()
     refused = replay(client, "webhook_START_TRAINING")
     assert refused.status_code == 422 and "LABEL_STUDIO_API_KEY" in refused.json["message"]
@@ -129,7 +140,7 @@ def test_training_off_or_impossible(tmp_path: Path) -> None:
     assert quiet.status_code == 201 and quiet.json["trained"] is False
     assert "LABEL_STUDIO_URL" in quiet.json["reason"]
 
-    app, model, _ = make_app(tmp_path / "events", train_events=("START_TRAINING",))
+    app, model, _ = make_app(tmp_path / "events")  # the default: only START_TRAINING trains
     client = app.test_client()
     assert replay(client, "webhook_ANNOTATION_CREATED").json["trained"] is False
     assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}).status_code == 201

@@ -111,6 +111,39 @@ def test_requests_coalesce_while_queued_and_make_one_follow_up_while_running(tmp
     assert states == ["queued", "queued", "queued", "running"]
 
 
+def test_a_queued_job_waits_for_its_burst_to_end_but_not_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serving.training as training
+
+    clock = [1000.0]
+    monkeypatch.setattr(training, "_now", lambda: clock[0])
+    store = TrainingStore(tmp_path)
+
+    def save() -> str:
+        return store.request(
+            "7", SPEC, "cpu", CONFIG, {}, "START_TRAINING", debounce_s=5.0, max_delay_s=20.0
+        )[0]
+
+    job_id = save()
+    assert store.claim("cpu") is None  # saves keep coming: not yet
+    for _ in range(3):
+        clock[0] += 4.0  # a save every 4 s pushes the start
+        assert save() == job_id
+        assert store.claim("cpu") is None
+    clock[0] += 5.0  # 5 s quiet
+    assert store.claim("cpu").id == job_id  # type: ignore[union-attr]
+    follow = save()
+    for _ in range(10):  # saves forever: it still starts 20 s after it was created
+        clock[0] += 3.0
+        assert save() == follow
+        if clock[0] >= 1017.0 + 20.0:
+            break
+    assert store.get(follow).not_before == pytest.approx(1017.0 + 20.0)  # type: ignore[union-attr]
+    store.finish(job_id, "done")
+    assert store.claim("cpu").id == follow  # type: ignore[union-attr]
+
+
 def test_concurrent_requests_from_many_threads_make_one_job(tmp_path: Path) -> None:
     store = TrainingStore(tmp_path)
     found: list[str] = []
