@@ -18,6 +18,7 @@ from serving.training import (
     TrainingStore,
     VersionStore,
     project_key,
+    training_device,
     write_json_atomic,
 )
 from serving.versions import SeenConfigs
@@ -237,8 +238,6 @@ class ModelService:
         self, project: str, config: str, event: str, tasks: list[Any] | None = None
     ) -> dict[str, Any]:
         """Queue (or join) a training job per trainable model of the config; raise when none can train."""
-        from serving.trainer import training_device
-
         plan = self.runtime.plan(config)
         if tasks is None and not (self.settings.label_studio_url and self.settings.label_studio_api_key):
             raise TrainingUnavailable(

@@ -31,7 +31,7 @@ from typing import Any
 from serving.contract import Backend, TrainCancelled
 from serving.jobs import FileLock
 from serving.labeling import build_plan
-from serving.runtime import pick_device, plan_version
+from serving.runtime import plan_version
 from serving.settings import Settings
 from serving.training import (
     TrainingJob,
@@ -51,11 +51,6 @@ EXPORT_TIMEOUT_S = 600.0
 
 class TrainingFailed(Exception):
     """A job cannot train; the message says why and what to change."""
-
-
-def training_device(settings: Settings) -> str:
-    """Return the device training jobs run on: TRAIN_DEVICE, else DEVICE, else cuda when available, else cpu."""
-    return settings.train_device or pick_device(settings)
 
 
 def lock_path(settings: Settings, device: str) -> Path:

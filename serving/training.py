@@ -99,6 +99,13 @@ def model_slug(key: str) -> str:
     return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
+def training_device(settings: Settings) -> str:
+    """Return the device training jobs run on: TRAIN_DEVICE, else DEVICE, else cuda when available, else cpu."""
+    from serving.runtime import pick_device
+
+    return settings.train_device or pick_device(settings)
+
+
 def device_slug(device: str) -> str:
     """Return a file-name form of a device ("cuda:1" -> "cuda-1")."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", device) or "cpu"
