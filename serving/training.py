@@ -328,6 +328,7 @@ class TrainingStore:
         event: str,
         debounce_s: float = 0.0,
         max_delay_s: float = 60.0,
+        coalesce: bool = True,
     ) -> tuple[str, bool]:
         """Record a training request for (project, model); return (job id, coalesced into a queued job).
 
@@ -344,7 +345,7 @@ class TrainingStore:
                 "ORDER BY created_at LIMIT 1",
                 (project, spec.key),
             ).fetchone()
-            if row is not None:
+            if row is not None and coalesce:
                 events = json.loads(row[1] or "{}")
                 events[event] = events.get(event, 0) + 1
                 not_before = min(now + debounce_s, float(row[2]) + max(max_delay_s, debounce_s))
@@ -421,6 +422,20 @@ class TrainingStore:
                 (now, now, row[0]),
             )
         return self.get(str(row[0]))
+
+    def start(self, job_id: str) -> TrainingJob:
+        """Mark one queued (or orphaned running) job running for a caller holding its device's lock (the CLI)."""
+        now = _now()
+        with self.tx() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
+                " updated_at = ?, error = NULL WHERE id = ? AND state IN ('queued', 'running')",
+                (now, now, job_id),
+            ).rowcount
+        job = self.get(job_id)
+        if not changed or job is None:
+            raise NotFound(f"training job {job_id} is not waiting to run")
+        return job
 
     def has_work(self) -> list[str]:
         """Return the devices that have queued or running jobs."""
