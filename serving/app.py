@@ -181,9 +181,13 @@ def create_app(
         if settings.webhook_secret and not hmac.compare_digest(
             request.args.get("secret", "").encode(), settings.webhook_secret.encode()
         ):
-            raise Unauthorized(
-                "webhook secret missing or wrong: add ?secret=<WEBHOOK_SECRET> to the webhook URL"
-            )
+            # Label Studio's own START_TRAINING goes to <model URL>/webhook (a query string in the
+            # model URL is dropped) with the model's basic auth: that credential is accepted instead.
+            if not (settings.basic_auth_user and request.authorization is not None):
+                raise Unauthorized(
+                    "webhook secret missing or wrong: add ?secret=<WEBHOOK_SECRET> to the webhook URL"
+                )
+            _check_basic_auth(settings)
         body = _json_body()
         action = body.get("action")
         if not isinstance(action, str):

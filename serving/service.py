@@ -62,6 +62,24 @@ class ModelService:
             self.supervisor = TrainerSupervisor(settings, families_ref, self.training_store)
             if self.training_store.exists():
                 self.supervisor.kick()  # jobs left queued or running by an earlier server resume now
+        # Deciding the training device may import torch (seconds): not on a webhook's request path.
+        self._training_device: str | None = None
+        self._device_thread = threading.Thread(target=self._decide_device, name="train-device", daemon=True)
+        if self.supervisor is not None:
+            self._device_thread.start()
+
+    def _decide_device(self) -> None:
+        self._training_device = training_device(self.settings)
+
+    def training_device(self) -> str:
+        """Return the device this server's training jobs run on (decided once, in the background)."""
+        if self._training_device is None:
+            if self._device_thread.is_alive():
+                self._device_thread.join()
+            if self._training_device is None:
+                self._decide_device()
+        assert self._training_device is not None
+        return self._training_device
 
     def setup(
         self,
@@ -244,7 +262,7 @@ class ModelService:
                 "training reads the project's annotations from Label Studio: set LABEL_STUDIO_URL and "
                 "LABEL_STUDIO_API_KEY (a legacy token or a personal access token) on the ML server"
             )
-        device = training_device(self.settings)
+        device = self.training_device()
         jobs, refused = [], {}
         for spec in plan.specs:
             reason = self.runtime.family(spec).trainable(spec, self.settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -119,6 +120,17 @@ def test_the_webhook_secret_guards_training(tmp_path: Path) -> None:
     assert replay(client, "webhook_START_TRAINING").status_code == 401
     assert model.training_store.jobs() == []
     assert replay(client, "webhook_START_TRAINING", query_string={"secret": "s3cret"}).status_code == 201
+    model.close()
+    # Label Studio's "Start Training" has no query string, but the model's basic auth
+    app, model, _ = make_app(
+        tmp_path / "auth", webhook_secret="s3cret", basic_auth_user="u", basic_auth_pass="p"
+    )
+    client = app.test_client()
+    good = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"u:x").decode()}
+    assert replay(client, "webhook_START_TRAINING", headers=bad).status_code == 401
+    assert replay(client, "webhook_START_TRAINING").status_code == 401
+    assert replay(client, "webhook_START_TRAINING", headers=good).status_code == 201
     model.close()
 
 
