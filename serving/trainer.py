@@ -43,7 +43,7 @@ from serving.training import (
     write_json_atomic,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("serving.trainer")  # also when run as __main__
 
 Families = Mapping[str, type[Backend]]
 EXPORT_TIMEOUT_S = 600.0
