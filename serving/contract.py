@@ -451,7 +451,7 @@ class Backend(ABC):
         """Fine-tune run.spec on run.examples for run.labels; write the model into run.output_dir.
 
         Runs in the trainer process (never in a request thread), one job at a time per device.
-        The result loads as ModelSpec(family, spec.name, path=<version folder>/<model_path>), so
-        load(), version_of() and postprocess() must accept it like a user checkpoint.
+        The result is served as ModelSpec(family, spec.name, path=<version folder>/model/<model_path>),
+        so availability(), load() and version_of() must accept it like a user checkpoint.
         """
         raise NotImplementedError(cls.trainable(run.spec, run.settings) or f"{cls.family} cannot train")

@@ -200,8 +200,9 @@ def run_job(
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
+    level = root.level
+    if level > logging.INFO or level == logging.NOTSET:
+        root.setLevel(logging.INFO)  # the job's log keeps its progress whatever LOG_LEVEL says
     output = job_dir / "output"
     started = time.monotonic()
     try:
@@ -321,6 +322,7 @@ def run_job(
         shutil.rmtree(output, ignore_errors=True)
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
     return _reload(store, job)
 
