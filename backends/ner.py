@@ -48,6 +48,8 @@ from serving.contract import (
     ModelSpec,
     ObjectTag,
     Target,
+    TrainingRun,
+    TrainResult,
     weights_fingerprint,
 )
 from serving.errors import InputError
@@ -320,6 +322,32 @@ class NerBackend(Backend):
             f"image does it at build time), or set model_path to a save_pretrained() folder, or use "
             f'the offline spaCy engine (NER_ENGINE=spacy or model_name="{SPACY_DEFAULT}")'
         )
+
+    # ---- training (backends/_ner_train.py) ----
+    @classmethod
+    def trainable(cls, spec: ModelSpec, settings: Any) -> str | None:
+        """Return None when this NER model can be fine-tuned here (its weights present), else why not."""
+        reason = cls.availability(spec, settings)
+        if reason:
+            return f"cannot train: {reason}"
+        engine, _ = engine_of(spec.name, spec.path)
+        if engine == "transformers" and importlib.util.find_spec("torch") is None:
+            return "cannot train: torch is not installed"
+        return None
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> TrainResult:
+        """Fine-tune on the project's spans for the config's labels (spaCy ner update, or a new BIO head)."""
+        from backends import _ner_train
+
+        engine, source = engine_of(run.spec.name, run.spec.path)
+        if engine == "spacy":
+            package = spacy_package(source)
+            if package is None:
+                raise RuntimeError(cls.availability(run.spec, run.settings) or f"no spaCy pipeline {source}")
+            return _ner_train.train_spacy(cls, run, package)
+        folder = _local_hf_folder(source, str(getattr(run.settings, "model_dir", "") or ""))
+        return _ner_train.train_transformers(cls, run, str(folder) if folder is not None else source)
 
     # ---- runtime ----
     def __init__(self, spec: ModelSpec, settings: Any) -> None:

@@ -55,6 +55,39 @@ def box_xyxy_px_to_pct(box_xyxy_px: Sequence[float], size: tuple[int, int]) -> d
     }
 
 
+def box_pct_to_xyxy_px(
+    x: float, y: float, width: float, height: float, rotation: float, size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Return the pixel box (x0, y0, x1, y1) around a Label Studio rectangle, clipped to the image.
+
+    The inverse of rectangle_items for training data: percent of the image as shown (EXIF applied,
+    `size` its width and height), rotated `rotation` degrees clockwise about its top-left corner
+    (x, y) in pixel space; a rotated rectangle becomes the axis-aligned box around its 4 corners.
+    """
+    width_px, height_px = size
+    x0 = float(x) / 100.0 * width_px
+    y0 = float(y) / 100.0 * height_px
+    w = float(width) / 100.0 * width_px
+    h = float(height) / 100.0 * height_px
+    angle = math.radians(float(rotation or 0.0) % 360.0)
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    if angle == 0.0:
+        xs, ys = (x0, x0 + w), (y0, y0 + h)
+    else:
+        cos, sin = math.cos(angle), math.sin(angle)
+        # corners of the unrotated box relative to (x0, y0), rotated clockwise (y points down)
+        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+        xs = tuple(x0 + cx * cos - cy * sin for cx, cy in corners)
+        ys = tuple(y0 + cx * sin + cy * cos for cx, cy in corners)
+    return (
+        min(max(min(xs), 0.0), float(width_px)),
+        min(max(min(ys), 0.0), float(height_px)),
+        min(max(max(xs), 0.0), float(width_px)),
+        min(max(max(ys), 0.0), float(height_px)),
+    )
+
+
 def points_px_to_pct(points_px: Iterable[Sequence[float]], size: tuple[int, int]) -> list[list[float]]:
     """Convert pixel points [(x, y), ...] to LS percent points, clamped."""
     width_px, height_px = size
