@@ -45,7 +45,12 @@ def build_sam2(folder: Path, seed: int = 0, input_px: int = INPUT_PX) -> Path:
     config = Sam2Config(
         vision_config=vision,
         prompt_encoder_config={"hidden_size": 32, "image_size": input_px, "patch_size": 16},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+        mask_decoder_config={
+            "hidden_size": 32,
+            "mlp_dim": 64,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 32,
+        },
     )
     model = Sam2Model(config).eval()
     processor = Sam2Processor(
@@ -89,7 +94,12 @@ def build_sam1(folder: Path, seed: int = 0, input_px: int = INPUT_PX) -> Path:
             "patch_size": 16,
             "image_embedding_size": grid,
         },
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+        mask_decoder_config={
+            "hidden_size": 32,
+            "mlp_dim": 64,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 32,
+        },
     )
     model = SamModel(config).eval()
     processor = SamProcessor(
