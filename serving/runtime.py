@@ -120,6 +120,7 @@ class Runtime:
         # Warms the embedding of a task Label Studio just opened (interactive-only families): two
         # threads, so a model still loading holds at most these, never the request pool.
         self._prefetch_pool = ThreadPoolExecutor(2, thread_name_prefix="prefetch")
+        self._prefetching = 0
         # Image embeddings of promptable models, shared by every model of this process (one bound).
         self.embeddings = EmbeddingCache(self.settings.embedding_cache_bytes, self.metrics)
         self.client: Any = None
@@ -358,7 +359,7 @@ class Runtime:
                 # time it opens the task); a task being opened warms the model for the first click.
                 reason = hint if not slot.failed else f"model {spec.key} is {slot.state}"
                 if n == 1:
-                    self._prefetch_pool.submit(self._prefetch, slot, tasks[0], obj)
+                    self._start_prefetch(slot, tasks[0], obj)
                 if not any(not self.family(t.model).interactive_only for t in plan.targets):
                     for i in range(n):
                         reasons.setdefault(i, reason)
@@ -523,6 +524,30 @@ class Runtime:
         finally:
             for slot in unprepared.values():  # never queued (deadline, 503): stop counting them
                 slot.add_pending(-1)
+
+    def _start_prefetch(self, slot: ModelSlot, task: Any, obj: ObjectTag) -> None:
+        """Warm a model for a task being opened, unless two warm-ups are already waiting.
+
+        Bounded: an annotator paging through tasks faster than the model encodes them would
+        otherwise queue encodes ahead of the clicks of everyone on the same model.
+        """
+        with self._lock:
+            if self._prefetching >= 2:
+                return
+            self._prefetching += 1
+
+        def run() -> None:
+            try:
+                self._prefetch(slot, task, obj)
+            finally:
+                with self._lock:
+                    self._prefetching -= 1
+
+        try:
+            self._prefetch_pool.submit(run)
+        except RuntimeError:  # shutting down
+            with self._lock:
+                self._prefetching -= 1
 
     def _prefetch(self, slot: ModelSlot, task: Any, obj: ObjectTag) -> None:
         """Load the model and run it on a task with no prompt (an interactive-only family warms its cache)."""

@@ -881,3 +881,25 @@ def test_plain_predict_on_a_model_that_cannot_load_says_why(tmp_path: Path) -> N
         assert "result" not in answer and "save_pretrained() folder" in answer["error"]
     finally:
         rt.close()
+
+
+class SlowSam(PlantedSam):
+    """Encodes take at least half a second (a large model on a busy GPU)."""
+
+    def forward(self, batch: list[Any]) -> list[Any]:
+        time.sleep(0.5)
+        return super().forward(batch)
+
+
+def test_warm_ups_of_opened_tasks_are_bounded(tmp_path: Path, sam2_dir: Path) -> None:
+    """Paging through six tasks quickly warms at most two: encodes never pile up ahead of clicks."""
+    rt = runtime(tmp_path, sam=SlowSam)
+    cfg = config(sam2_dir)
+    try:
+        for task_id in range(1, 7):
+            (answer,) = rt.predict(cfg, [{"id": task_id, "data": {"image": IMAGE_URL}}])
+            assert "result" not in answer
+        wait_for(lambda: rt._prefetching == 0)
+        assert rt.embeddings.stats.misses == 2
+    finally:
+        rt.close()
