@@ -309,7 +309,10 @@ class SamBackend(Backend):
         sam = self.sam
         requests: list[SamRequest] = batch
         need = [r for r in requests if r.encode and r.embedding is None]
-        by_key = {r.key: r for r in need}
+        by_key: dict[tuple[str, str], SamRequest] = {}
+        for r in need:  # several clicks on one new image: encode from one whose pixels are ready
+            if r.key not in by_key or by_key[r.key].pixel_values is None:
+                by_key[r.key] = r
 
         def encode(keys: list[tuple[str, str]]) -> list[_sam.Embedding]:
             pixel_values, sizes, hws = [], [], []

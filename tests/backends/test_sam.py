@@ -903,3 +903,24 @@ def test_warm_ups_of_opened_tasks_are_bounded(tmp_path: Path, sam2_dir: Path) ->
         assert rt.embeddings.stats.misses == 2
     finally:
         rt.close()
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_clicks_keep_the_embedding_on_the_gpu_and_give_the_cpu_mask(
+    tmp_path: Path, sam2_dir: Path
+) -> None:
+    """On CUDA (fp16 autocast): the cached embedding stays on the GPU and a click gives the CPU run's mask."""
+    masks = {}
+    for device in ("cpu", "cuda"):
+        rt = runtime(tmp_path / device, device=device)
+        try:
+            (item,) = interactive(rt, config(sam2_dir), [click(25, 75)])["result"]
+            masks[device] = decoded(item)
+            assert interactive(rt, config(sam2_dir), [click(30, 70)])["result"]
+            assert rt.embeddings.stats.hits == 1
+            if device == "cuda":
+                (embedding,) = [value for value, _ in rt.embeddings._entries.values()]
+                assert all(f.device.type == "cuda" for f in embedding.features)
+        finally:
+            rt.close()
+    assert np.array_equal(masks["cpu"], masks["cuda"])
