@@ -178,14 +178,9 @@ class SamModel:
     @classmethod
     def load(cls, folder: Path, device: str) -> SamModel:
         """Load a checkpoint folder (config.json, processor config, weights) onto the device, offline."""
-        import torch
-
         flavor = flavor_of(folder)
         model: Any
         processor: Any
-        if device == "cpu" or device.startswith("cpu"):
-            # Random or pruned weights leave denormal floats that make CPU matmuls ~10x slower.
-            torch.set_flush_denormal(True)
         if flavor == "sam2":
             from transformers import Sam2Model, Sam2Processor
 

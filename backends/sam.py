@@ -305,6 +305,9 @@ class SamBackend(Backend):
         if self.sam is None:
             raise RuntimeError("SAM model not loaded: call load() first")
         if self.device.startswith("cpu"):
+            # Random or pruned weights leave denormal floats that make CPU kernels several times
+            # slower. The flag is per thread (and copied into threads it starts): set on the model
+            # thread only, it changes no other thread's arithmetic.
             torch.set_flush_denormal(True)
         sam = self.sam
         requests: list[SamRequest] = batch

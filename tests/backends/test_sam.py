@@ -41,6 +41,13 @@ IMAGE_URL = f"http://images.example/{W}x{H}.png"
 RADIUS_IN = 20.0  # planted disk radius, in pixels of the model's 128 px input
 
 
+@pytest.fixture(autouse=True)
+def _denormals_back() -> Iterator[None]:
+    """Undo forward()'s flush-denormal flag when a test ran it on the main thread (it is per thread)."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="module")
 def sam2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Return a saved tiny random SAM 2 checkpoint folder."""
