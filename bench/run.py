@@ -118,6 +118,27 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
         ["--family", "ocr", "--n", "8", "--small-pages", "--latency-n", "5", "--clients", "2"],
     ),
     (
+        # Per-click latency, warm embedding vs cold encode, over HTTP (random weights of the real
+        # architectures: the GPU target is SAM 2.1 large at 1024 px, warm click p50 <= 25 ms).
+        "sam",
+        "bench.bench_sam",
+        [
+            "--arch",
+            "large",
+            "--device",
+            "cuda",
+            "--n",
+            "200",
+            "--cold-n",
+            "20",
+            "--encode-n",
+            "20",
+            "--clients",
+            "8",
+        ],
+        ["--arch", "tiny", "--n", "20", "--cold-n", "3", "--encode-n", "3", "--clients", "2"],
+    ),
+    (
         "load",
         "bench.load_test",
         ["--clients", "64", "--duration", "60"],

@@ -56,6 +56,7 @@ class Settings:
     ocr_threads: int = 0  # Tesseract pages in parallel; 0 = min(4, cpu count)
     tessdata_dir: str = ""  # extra place to look for Tesseract language data
     easyocr_model_dir: str = ""  # extra place to look for EasyOCR weights
+    sam_model: str = ""  # "" = facebook/sam2.1-hiera-tiny; a SAM / SAM 2 id or a save_pretrained() folder
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
@@ -64,6 +65,9 @@ class Settings:
     max_image_pixels: int = 100_000_000
     max_text_chars: int = 2_000_000
     cache_max_bytes: int = 512 * 1024 * 1024
+    # Image embeddings of promptable models (SAM), per process, on the model's device: a SAM 2 image
+    # is ~16 MB in fp32 (~8 MB fp16), so the default keeps about 32 images (64 in fp16).
+    embedding_cache_bytes: int = 512 * 1024 * 1024
     # URL fetching policy.
     allowed_hosts: tuple[str, ...] = ()  # empty = any host except the blocked ones
     allow_private_urls: bool = True  # LS itself usually lives on a private address
