@@ -26,11 +26,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import queue
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,7 +257,8 @@ class RayJobRunner(JobRunner):
         # the device follows what Ray granted: the actor's GPU (CUDA_VISIBLE_DEVICES), or the CPU
         device = "cpu" if gpus <= 0 or self.settings.device == "cpu" else ""
         factory = RuntimeFactory(self.settings.with_(device=device), self.families, self.roots)
-        files = sorted(str(p) for p in stage.glob("part-*.jsonl"))
+        # absolute: Ray's read tasks run in worker processes with their own working directory
+        files = sorted(str(p.resolve()) for p in stage.glob("part-*.jsonl"))
         return ray.data.read_json(files, lines=True).map_batches(
             RayPredictor,
             fn_constructor_kwargs={
@@ -268,6 +271,7 @@ class RayJobRunner(JobRunner):
             num_cpus=self.options.cpus_per_actor,
             batch_size=self.chunk_size,
             batch_format="numpy",
+            runtime_env=actor_runtime_env(self.families),
         )
 
     def _stream(self, dataset: Any) -> Iterator[list[tuple[int, dict[str, Any] | None, str | None]]]:
@@ -310,6 +314,38 @@ class RayJobRunner(JobRunner):
                 ]
         finally:
             halt.set()
+
+
+def code_roots(families: FamiliesSource) -> list[str]:
+    """Return the folders the actors must import from: serving/'s and the families' (the driver's paths)."""
+    names = {__name__}
+    if isinstance(families, str):
+        names.add(families.partition(":")[0])
+    elif isinstance(families, Mapping):
+        names.update(getattr(cls, "__module__", "") for cls in families.values())
+    else:
+        names.add(getattr(families, "__module__", "") or "")
+    roots: list[str] = []
+    for name in sorted(n for n in names if n):
+        top = sys.modules.get(name.split(".")[0])
+        origin = getattr(top, "__file__", None)
+        if not origin:
+            continue
+        root = Path(origin).resolve().parent
+        if hasattr(top, "__path__"):  # a package: its folder's parent is what goes on sys.path
+            root = root.parent
+        if str(root) not in roots:
+            roots.append(str(root))
+    return roots
+
+
+def actor_runtime_env(families: FamiliesSource) -> dict[str, Any]:
+    """Return the actors' runtime env: the code on PYTHONPATH at the driver's paths (same image, same paths).
+
+    A worker that Ray starts does not inherit the driver's sys.path, and a worker node of the same image
+    has the code at the same place; ${PYTHONPATH} keeps what the node itself sets.
+    """
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join([*code_roots(families), "${PYTHONPATH}"])}}
 
 
 def stage_dir(store_path: Path) -> Path:
