@@ -51,18 +51,10 @@ def localize(conf: str, upstreams: list[str], listen: str, prefix: Path) -> str:
     return _HTTP.sub(lambda m: m.group(0) + temp, conf, count=1)
 
 
-def nginx_args(conf_path: Path, prefix: Path) -> list[str]:
+def nginx_args(conf_path: Path, prefix: Path, foreground: bool = False) -> list[str]:
     """Return the arguments that run nginx on a localized config, with its pid and error log in `prefix`."""
-    return [
-        "-p",
-        str(prefix),
-        "-c",
-        str(conf_path),
-        "-e",
-        str(prefix / "error.log"),
-        "-g",
-        f"pid {prefix / 'nginx.pid'};",
-    ]
+    main = f"pid {prefix / 'nginx.pid'};" + (" daemon off;" if foreground else "")
+    return ["-p", str(prefix), "-c", str(conf_path), "-e", str(prefix / "error.log"), "-g", main]
 
 
 def check(conf_path: Path = CONF) -> int:
