@@ -200,6 +200,7 @@ def build_ray_runner(args: argparse.Namespace, settings: Settings, folder: Path,
         actors=args.ray_actors,
         gpus_per_actor=args.ray_gpus_per_actor,
         cpus_per_actor=args.ray_cpus_per_actor,
+        stage_dir=args.ray_stage_dir,
         quiet=args.quiet,
     )
     return RayJobRunner(settings, args.families, [folder], options=options, chunk_size=chunk)
@@ -480,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs per actor (default 1 when the cluster has GPUs)",
     )
     p.add_argument("--ray-cpus-per-actor", type=float, default=None, help="CPUs per actor (default 1)")
+    p.add_argument(
+        "--ray-stage-dir",
+        default=None,
+        help="shared folder every Ray node reads the staged tasks from (default RAY_STAGE_DIR, else beside --state)",
+    )
     p.add_argument("--basic-auth", help="user:password for --server")
     p.add_argument(
         "--chunk-size",

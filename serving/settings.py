@@ -78,6 +78,7 @@ class Settings:
     ray_cpus_per_actor: float = 1.0
     ray_batch_size: int = 0  # tasks per actor call; 0 = the job's chunk size
     ray_stall_timeout_s: float = 1800.0  # fail a Ray job when no task finishes for this long
+    ray_stage_dir: str = ""  # shared folder for the tasks handed to Ray; "" = beside the job's store
     # Replicas: a /predict of more than SPLIT_MIN_TASKS tasks is split over REPLICA_URLS.
     replica_urls: tuple[str, ...] = ()  # the nginx in front of the replicas, or each replica's URL
     split_min_tasks: int = 16

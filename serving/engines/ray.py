@@ -23,6 +23,7 @@ mounts at the same path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -107,6 +108,7 @@ class RayOptions:
     gpus_per_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     stall_timeout_s: float = 1800.0
+    stage_dir: str = ""  # where pending tasks are staged for Ray to read; "" = beside the job's store
     quiet: bool = False  # no Ray progress bars
 
     @classmethod
@@ -118,6 +120,7 @@ class RayOptions:
             gpus_per_actor=settings.ray_gpus_per_actor,
             cpus_per_actor=settings.ray_cpus_per_actor,
             stall_timeout_s=settings.ray_stall_timeout_s,
+            stage_dir=settings.ray_stage_dir,
         )
         changes = {k: v for k, v in overrides.items() if v is not None}
         return cls(**{**base.__dict__, **changes})
@@ -163,7 +166,7 @@ class RayJobRunner(JobRunner):
         """Stage the tasks without a result, run them through the actor pool, commit blocks as they come."""
         if store.get("cancel_requested"):
             return "cancelled"
-        stage = stage_dir(store.path)
+        stage = stage_dir(store.path, self.options.stage_dir)
         staged = self._stage(store, stage)
         if staged == 0:
             return "done"
@@ -348,9 +351,16 @@ def actor_runtime_env(families: FamiliesSource) -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": os.pathsep.join([*code_roots(families), "${PYTHONPATH}"])}}
 
 
-def stage_dir(store_path: Path) -> Path:
-    """Return where a job's pending tasks are staged for Ray: beside its store (shared storage on a cluster)."""
-    return store_path.with_name(store_path.name + ".ray")
+def stage_dir(store_path: Path, root: str = "") -> Path:
+    """Return where a job's pending tasks are staged for Ray to read (every node must see the folder).
+
+    Beside the job's store by default; under `root` (RAY_STAGE_DIR, --ray-stage-dir) when the store lives
+    on the driver's own disk and only `root` is shared, in a folder named after the store's path.
+    """
+    if not root:
+        return store_path.with_name(store_path.name + ".ray")
+    key = hashlib.sha1(str(store_path.resolve()).encode()).hexdigest()[:16]
+    return Path(root) / f"lsml-stage-{key}"
 
 
 def explain(exc: BaseException) -> str:

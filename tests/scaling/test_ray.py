@@ -136,9 +136,13 @@ def test_a_bad_task_in_the_middle_of_a_block_leaves_the_others_intact(cluster: s
     settings = Settings.from_env()
     store = create_store(env / "job.sqlite", NER_CONFIG, tasks=tasks)
     store.close()
-    options = RayOptions(actors=1, cpus_per_actor=float(ACTOR_CPUS), stall_timeout_s=60, quiet=True)
+    shared = env / "shared"  # RAY_STAGE_DIR: the store stays on the driver's disk, the staged tasks go here
+    options = RayOptions(
+        actors=1, cpus_per_actor=float(ACTOR_CPUS), stall_timeout_s=60, stage_dir=str(shared), quiet=True
+    )
     # one block of 9: the failures are isolated inside it, never a dropped block
     meta = RayJobRunner(settings, model.families, options=options, chunk_size=9).run(env / "job.sqlite")
+    assert shared.is_dir() and list(shared.iterdir()) == []  # staged under it, removed when done
     assert meta is not None and meta["state"] == "done"
     assert (meta["done"], meta["failed"]) == (9, 2)
     store = JobStore(env / "job.sqlite")
