@@ -151,17 +151,22 @@ class Nginx:
             time.sleep(0.1)
         raise AssertionError("nginx did not start")
 
-    def requests(self, path: str) -> list[tuple[bool, list[str]]]:
+    def requests(self, path: str, at_least: int = 0, timeout: float = 10.0) -> list[tuple[bool, list[str]]]:
         """Return (forwarded chunk?, upstream addresses tried) of each request to `path`, in log order.
 
-        nginx logs a request when it ends: the chunks of a split request come before the request itself.
+        nginx logs a request when it ends, just after the answer left: the chunks of a split request
+        come before the request itself, and the last lines may lag (wait for `at_least` of them).
         """
-        out = []
-        for line in self.access_log.read_text().splitlines():
-            if f'"POST {path} ' in line or f'"GET {path} ' in line:
-                forwarded = " fwd=1 " in line
-                out.append((forwarded, line.split("upstream=", 1)[1].strip().split(", ")))
-        return out
+        deadline = time.monotonic() + timeout
+        while True:
+            out = []
+            for line in self.access_log.read_text().splitlines():
+                if f'"POST {path} ' in line or f'"GET {path} ' in line:
+                    forwarded = " fwd=1 " in line
+                    out.append((forwarded, line.split("upstream=", 1)[1].strip().split(", ")))
+            if len(out) >= at_least or time.monotonic() > deadline:
+                return out
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """Stop nginx (SIGQUIT: graceful) and wait."""
