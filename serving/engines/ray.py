@@ -257,6 +257,8 @@ class RayJobRunner(JobRunner):
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = not self.options.quiet
+        if self.options.quiet:  # Ray Data's per-dataset INFO lines too (the job's own log says enough)
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         # the device follows what Ray granted: the actor's GPU (CUDA_VISIBLE_DEVICES), or the CPU
         device = "cpu" if gpus <= 0 or self.settings.device == "cpu" else ""
         factory = RuntimeFactory(self.settings.with_(device=device), self.families, self.roots)

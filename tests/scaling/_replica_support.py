@@ -89,13 +89,13 @@ class Replica:
         """Wait until /health reports every warmed-up model ready."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
+            assert self.proc.poll() is None, self.log(5000)
             with contextlib.suppress(requests.RequestException):
                 backends = requests.get(self.url + "/health", timeout=2).json().get("backends") or {}
                 if backends and all(state == "ready" for state in backends.values()):
                     return
             time.sleep(0.2)
-        raise AssertionError(f"{self.name} not ready in {timeout:g} s:\n{self.log()}")
+        raise AssertionError(f"{self.name} not ready in {timeout:g} s:\n{self.log(5000)}")
 
     def kill(self) -> None:
         """SIGKILL the replica's process group (master and worker): a crash, not a graceful stop."""
@@ -113,9 +113,10 @@ class Replica:
                 self.kill()
         self._log.close()
 
-    def log(self) -> str:
-        """Return the replica's log so far."""
-        return self.log_path.read_text(errors="replace")[-5000:]
+    def log(self, tail: int = 0) -> str:
+        """Return the replica's log so far (its last `tail` characters when tail > 0)."""
+        text = self.log_path.read_text(errors="replace")
+        return text[-tail:] if tail else text
 
 
 class Nginx:
