@@ -192,8 +192,7 @@ def main() -> None:
     if args.address:
         ray.init(address=args.address, logging_level="WARNING")
     else:
-        # a throwaway cluster on this machine for the benchmark only: no token needed on the loopback
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # a throwaway cluster on this machine (token auth on, as Ray 2.60 sets it for ray.init clusters)
         ray.init(
             num_cpus=2 * (os.cpu_count() or 1),
             include_dashboard=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,11 +24,15 @@ def ray_cluster() -> Iterator[str]:
     """
     ray: Any = pytest.importorskip("ray", reason="ray[data] is not installed (requirements-ray.txt)")
     with pytest.MonkeyPatch.context() as mp:
-        # tests only: a cluster that lives on the loopback for the test's lifetime needs no token
-        mp.setenv("RAY_AUTH_MODE", "disabled")
+        # Ray's gRPC servers listen on every interface whatever the node address, so the test cluster
+        # keeps token auth on, with a fresh token that the drivers the tests start inherit
+        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
         mp.setenv("RAY_STALL_TIMEOUT_S", STALL_TIMEOUT_S)
         if ray.is_initialized():
             ray.shutdown()
+        _reload_auth_settings()  # Ray read them when it was imported, maybe before this test
         context = ray.init(
             num_cpus=NUM_CPUS,
             object_store_memory=OBJECT_STORE_BYTES,
@@ -41,6 +46,14 @@ def ray_cluster() -> Iterator[str]:
         finally:
             ray.shutdown()
             os.environ.pop("RAY_ADDRESS", None)
+    _reload_auth_settings()
+
+
+def _reload_auth_settings() -> None:
+    """Make Ray re-read RAY_AUTH_* from the environment (what Ray's own tests do between clusters)."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 def normalize_ids(tasks: Any) -> Any:
