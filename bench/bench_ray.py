@@ -164,7 +164,8 @@ def run(
         "seconds": round(seconds, 2),
         "tasks_per_s": round(n / seconds, 2),
         "first_result_s": round(t0 - started, 2),
-        "steady_tasks_per_s": round((d1 - d0) / (t1 - t0), 2) if t1 > t0 else None,
+        # a rate over fewer than 4 later blocks says more about block sizes than about speed
+        "steady_tasks_per_s": round((d1 - d0) / (t1 - t0), 2) if len(done) >= 5 and t1 > t0 else None,
     }
 
 
