@@ -253,11 +253,8 @@ def main() -> None:
     )  # fmt: skip
     for name, workload in report["workloads"].items():
         for row, v in workload["rows"].items():
-            ratio = (
-                f"; {v['vs_local']:.2f}x local, steady {v.get('steady_vs_local', 0):.2f}x"
-                if "vs_local" in v
-                else ""
-            )
+            steady = f", steady {v['steady_vs_local']:.2f}x" if "steady_vs_local" in v else ""
+            ratio = f"; {v['vs_local']:.2f}x local{steady}" if "vs_local" in v else ""
             log.info(
                 "%s %d tasks, %s: %.1f s (%.1f/s), first result after %.1f s, steady %s/s%s",
                 name, workload["tasks"], row, v["seconds"], v["tasks_per_s"], v["first_result_s"],

@@ -167,11 +167,12 @@ class RayJobRunner(JobRunner):
         if store.get("cancel_requested"):
             return "cancelled"
         stage = stage_dir(store.path, self.options.stage_dir)
-        staged = self._stage(store, stage)
-        if staged == 0:
-            return "done"
-        owned = _connect(self.options.address)
+        owned = False
         try:
+            staged = self._stage(store, stage)
+            if staged == 0:
+                return "done"
+            owned = _connect(self.options.address)
             actors, gpus = self._pool_size()
             log.info(
                 "ray: %d tasks pending, %d actors (%g GPU, %g CPU each), batches of %d",
