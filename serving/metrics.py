@@ -81,6 +81,13 @@ class Metrics:
             "lsml_embedding_cache_entries", "Image embeddings held", registry=self.registry
         )
 
+        self.split_chunks = Counter(
+            "lsml_split_chunks_total",
+            "Chunks of big /predict requests forwarded to the replicas, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def observe_batch(self, backend: str, size: int, seconds: float) -> None:
         """Record one forward call."""
         self.batch_size.labels(backend).observe(size)

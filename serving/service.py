@@ -116,6 +116,16 @@ class ModelService:
             entry = self._projects.get(str(project))
         return entry["schema"] if entry else None
 
+    def config_for(self, label_config: str | None, project: str | None) -> str:
+        """Return the request's labeling config, else the one /setup saw for the project; 400 when none."""
+        config = label_config or self.schema_for(project)
+        if not config:
+            raise BadRequest(
+                "no label_config in the request and no /setup seen for this project; "
+                "send 'label_config' with the tasks"
+            )
+        return config
+
     def predict(
         self,
         tasks: Sequence[Any],
@@ -126,12 +136,7 @@ class ModelService:
         **kwargs: Any,
     ) -> list[dict[str, Any]]:
         """Return one prediction per task, in order."""
-        config = label_config or self.schema_for(project)
-        if not config:
-            raise BadRequest(
-                "no label_config in the request and no /setup seen for this project; "
-                "send 'label_config' with the tasks"
-            )
+        config = self.config_for(label_config, project)
         plan = self.serving_plan(project, config)
         predictions = self.runtime.predict(config, tasks, context=context, failures=failures, plan=plan)
         self.seen.add(config)  # planned without error: a config this server serves

@@ -90,6 +90,19 @@ class Settings:
     train_device: str = ""  # "" = DEVICE, else cuda when available, else cpu
     train_allow_cpu: bool = False  # detection trains on CPU only when true (slow)
     train_idle_s: float = 60.0  # the trainer process exits after this long without a queued job
+    job_rescan_s: float = 30.0  # how often a server looks for jobs a stopped or dead replica left
+    # Ray batch engine (optional: requirements-ray.txt). RAY_ADDRESS is also Ray's own variable.
+    ray_address: str = ""  # "auto", "ray://head:10001", "head:6379"; enables POST /batch "engine": "ray"
+    ray_actors: int = 0  # predictor actors; 0 = one per GPU of the cluster (1 without GPUs)
+    ray_gpus_per_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
+    ray_cpus_per_actor: float = 1.0
+    ray_batch_size: int = 0  # tasks per actor call; 0 = the job's chunk size
+    ray_stall_timeout_s: float = 1800.0  # fail a Ray job when no task finishes for this long
+    ray_stage_dir: str = ""  # shared folder for the tasks handed to Ray; "" = beside the job's store
+    # Replicas: a /predict of more than SPLIT_MIN_TASKS tasks is split over REPLICA_URLS.
+    replica_urls: tuple[str, ...] = ()  # the nginx in front of the replicas, or each replica's URL
+    split_min_tasks: int = 16
+    split_ways: int = 0  # chunks a big request is cut into; 0 = one per REPLICA_URLS entry
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
