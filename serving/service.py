@@ -342,9 +342,7 @@ class ModelService:
                 continue
             if version not in versions:
                 versions.append(version)
-        root = self.version_store.root
-        projects = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        for name in projects:
+        for name in self.version_store.projects():
             for manifest in self.version_store.manifests(name):
                 trained = manifest.get("model_version")
                 if isinstance(trained, str) and trained not in versions:

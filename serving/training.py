@@ -557,6 +557,14 @@ class VersionStore:
             raise BadRequest(f"project {project[:40]!r} is not a Label Studio project id")
         return self.root / project
 
+    def projects(self) -> list[str]:
+        """Return the projects that have a folder here, sorted (other entries, e.g. lost+found, are skipped)."""
+        try:
+            entries = list(self.root.iterdir()) if self.root.is_dir() else []
+        except OSError:
+            return []
+        return sorted(p.name for p in entries if _PROJECT_RE.match(p.name) and p.is_dir())
+
     def pointer_path(self, project: str) -> Path:
         """Return the project's pointer file."""
         return self.project_dir(project) / POINTER

@@ -276,3 +276,17 @@ def test_a_trained_project_predicts_with_its_own_model(tmp_path: Path, project: 
     assert other["results"][0]["result"] == []  # another project keeps the pretrained model
     assert TrainingStore.for_settings(model.settings).get(job.id).state == "done"  # type: ignore[union-attr]
     model.close()
+
+
+def test_a_folder_under_versions_that_is_not_a_project_does_not_break_versions(tmp_path: Path) -> None:
+    """MODEL_DIR on a mounted volume may hold lost+found or an NFS .snapshot beside the project folders."""
+    app, model, _ = make_app(tmp_path)
+    client = app.test_client()
+    client.post("/setup", json={"project": "2.1795429160", "schema": CONFIG})
+    job = train_now(model, export_tasks(4))
+    for stray in ("lost+found", ".snapshot", "tmp.old"):
+        (VersionStore.for_settings(model.settings).root / stray).mkdir()
+    answer = client.get("/versions")
+    assert answer.status_code == 200, answer.json
+    assert job.model_version in answer.json["versions"]
+    model.close()
