@@ -186,7 +186,10 @@ def create_app(
         project = body.get("project")
         if splitter.applies(len(tasks), request.headers, context):
             config = model.config_for(label_config, str(project) if project else None)
-            version = runtime.model_version(runtime.plan(config))  # a bad config is refused here, not 5 times
+            # the plan this project is served with (its trained models in): a bad config is refused
+            # here, not once per chunk, and a failed chunk's entries carry the version /setup gave
+            plan = model.serving_plan(str(project) if project else None, config)
+            version = runtime.model_version(plan)
             results = splitter.predict(
                 tasks,
                 label_config=config,

@@ -290,3 +290,34 @@ def test_a_folder_under_versions_that_is_not_a_project_does_not_break_versions(t
     assert answer.status_code == 200, answer.json
     assert job.model_version in answer.json["versions"]
     model.close()
+
+
+def test_a_split_request_of_a_trained_project_answers_its_trained_version(tmp_path: Path) -> None:
+    """A big /predict split over replicas that all fail: the per-task errors carry the version /setup gave."""
+    port = _free_port()  # nothing listens: every chunk fails
+    app, model, _ = make_app(
+        tmp_path, replica_urls=(f"http://127.0.0.1:{port}",), split_ways=2, split_min_tasks=4
+    )
+    client = app.test_client()
+    job = train_now(model, export_tasks(4))
+    setup = {"project": "2.1795429160", "schema": CONFIG}
+    deadline = time.monotonic() + 10
+    while client.post("/setup", json=setup).json["model_version"] != job.model_version:
+        assert time.monotonic() < deadline, "the trained version never swapped in"
+        time.sleep(0.02)
+    tasks = [{"id": i, "data": {"text": "Ann takes Bravocel."}} for i in range(6)]
+    body = {"tasks": tasks, "label_config": CONFIG, "project": "2.1795429160"}
+    results = client.post("/predict", json=body).json["results"]
+    assert len(results) == 6 and all(
+        "result" not in r and "failed on the replicas" in r["error"] for r in results
+    )
+    assert {r["model_version"] for r in results} == {job.model_version}
+    model.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
