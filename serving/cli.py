@@ -495,25 +495,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             log.warning("%s is not trained: %s", spec.key, reason)
             failed += 1
             continue
-        earlier = [
-            j
-            for j in store.jobs(project, states=("queued", "running"))
-            if j.model_key == spec.key and j.source.get("path") == str(path)
-        ]
-        if earlier:
-            job_id = earlier[0].id
-            log.info("resuming job %s (%s)", job_id, spec.key)
-        else:
-            job_id, _ = store.request(
-                project,
-                spec,
-                device,
-                label_config,
-                {"kind": "file", "path": str(path)},
-                "CLI",
-                coalesce=False,
-            )
-            write_json_atomic(store.job_dir(job_id) / "data.json", tasks)
+        # The device's lock first: a server trainer on the same MODEL_DIR claims any queued job of
+        # the device, and must not take this one before its data is written.
         lock = FileLock(lock_path(settings, device))
         lock.path.parent.mkdir(parents=True, exist_ok=True)
         waited = False
@@ -523,6 +506,25 @@ def cmd_train(args: argparse.Namespace) -> int:
                 waited = True
             time.sleep(1.0)
         try:
+            earlier = [
+                j
+                for j in store.jobs(project, states=("queued", "running"))
+                if j.model_key == spec.key and j.source.get("path") == str(path)
+            ]
+            if earlier:
+                job_id = earlier[0].id
+                log.info("resuming job %s (%s)", job_id, spec.key)
+            else:
+                job_id, _ = store.request(
+                    project,
+                    spec,
+                    device,
+                    label_config,
+                    {"kind": "file", "path": str(path)},
+                    "CLI",
+                    coalesce=False,
+                )
+                write_json_atomic(store.job_dir(job_id) / "data.json", tasks)
             job = run_job(
                 store.start(job_id),
                 store=store,
