@@ -277,14 +277,25 @@ class ModelService:
             source = (
                 {"kind": "inline"} if tasks is not None else {"kind": "label_studio", "project_id": project}
             )
+
+            def prepare(job_id: str, coalesced: bool) -> None:
+                # in the request's transaction: a waiting trainer cannot claim the job before this
+                data_file = self.training_store.job_dir(job_id) / "data.json"
+                if tasks is not None:
+                    write_json_atomic(data_file, tasks)
+                elif coalesced:
+                    data_file.unlink(missing_ok=True)  # the queued job reads the newest export when it starts
+
             job_id, coalesced = self.training_store.request(
-                project, spec, device, config, source, event, debounce_s=self.settings.train_debounce_s
+                project,
+                spec,
+                device,
+                config,
+                source,
+                event,
+                debounce_s=self.settings.train_debounce_s,
+                prepare=prepare,
             )
-            data_file = self.training_store.job_dir(job_id) / "data.json"
-            if tasks is not None:
-                write_json_atomic(data_file, tasks)
-            elif coalesced:
-                data_file.unlink(missing_ok=True)  # the queued job reads the newest export when it starts
             jobs.append({"job_id": job_id, "model": spec.key, "coalesced": coalesced})
         if not jobs:
             raise TrainingUnavailable(

@@ -329,6 +329,7 @@ class TrainingStore:
         debounce_s: float = 0.0,
         max_delay_s: float = 60.0,
         coalesce: bool = True,
+        prepare: Callable[[str, bool], None] | None = None,
     ) -> tuple[str, bool]:
         """Record a training request for (project, model); return (job id, coalesced into a queued job).
 
@@ -337,6 +338,8 @@ class TrainingStore:
         queued, maybe one running) a new queued job is created: the running one's follow-up.
         A queued job starts `debounce_s` after the last request that joined it (so that a burst
         of annotation saves is one job), but never later than `max_delay_s` after it was created.
+        `prepare(job id, coalesced)` runs inside the transaction (e.g. writes the job's data), so no
+        trainer can claim the job before it is done.
         """
         now = _now()
         with self.tx() as conn:
@@ -354,6 +357,8 @@ class TrainingStore:
                     " not_before = ? WHERE id = ?",
                     (json.dumps(events), config, json.dumps(dict(source)), now, not_before, row[0]),
                 )
+                if prepare is not None:
+                    prepare(str(row[0]), True)
                 return str(row[0]), True
             job_id = uuid.uuid4().hex[:12]
             conn.execute(
@@ -376,6 +381,8 @@ class TrainingStore:
                     now + debounce_s,
                 ),
             )
+            if prepare is not None:
+                prepare(job_id, False)
             return job_id, False
 
     def claim(self, device: str) -> TrainingJob | None:

@@ -321,3 +321,46 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_inline_tasks_are_written_before_a_waiting_trainer_can_claim_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRAIN_DEBOUNCE_S=0 and a trainer polling for work: /train's inline data must exist when it claims."""
+    import threading
+
+    import serving.service as service_module
+    from serving.trainer import serve
+
+    app, model, _ = make_app(tmp_path)
+    stop = threading.Event()
+    trainer = threading.Thread(
+        target=serve, args=(model.settings, families(), "cpu"), kwargs={"stop": stop, "idle_s": 30.0}
+    )
+    trainer.start()
+    lock = Path(model.settings.model_dir) / "training" / "trainer-cpu.lock"
+    while not lock.exists():  # the trainer holds its device lock and polls for jobs
+        assert trainer.is_alive()
+    written = service_module.write_json_atomic
+
+    def slow_write(path: Path, value: Any) -> None:
+        time.sleep(1.5)  # many inline tasks take a while to write
+        written(path, value)
+
+    monkeypatch.setattr(service_module, "write_json_atomic", slow_write)
+    try:
+        job_id = (
+            app.test_client()
+            .post("/train", json={"project": 2, "label_config": CONFIG, "annotations": export_tasks(4)})
+            .json["job"]
+        )
+        deadline = time.monotonic() + 30
+        job = model.training_store.get(job_id)
+        while job is not None and job.state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            job = model.training_store.get(job_id)
+    finally:
+        stop.set()
+        trainer.join(10)
+    assert job is not None and job.state == "done", (job.state, job.error) if job else None
+    model.close()
