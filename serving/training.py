@@ -987,6 +987,30 @@ def _boxes(
     return boxes
 
 
+HOLDOUT_MIN_EXAMPLES = 50
+
+
+def split_holdout(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """Return (train, held out): every 10th example is held out once there are at least 50 (for the metrics)."""
+    if len(examples) < HOLDOUT_MIN_EXAMPLES:
+        return list(examples), []
+    train = [e for i, e in enumerate(examples) if i % 10 != 9]
+    return train, [e for i, e in enumerate(examples) if i % 10 == 9]
+
+
+def precision_recall_f1(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """Return precision, recall and F1 (rounded) and the support of true/false positive and negative counts."""
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "precision": round(float(precision), 4),
+        "recall": round(float(recall), 4),
+        "f1": round(float(f1), 4),
+        "support": int(tp + fn),
+    }
+
+
 def export_sha1(tasks: Sequence[Any]) -> str:
     """Return a hash of the data a job trained on (recorded with the job and its version)."""
     return hashlib.sha1(json.dumps(tasks, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
