@@ -482,6 +482,11 @@ class Backend(ABC):
         return f"the {cls.family} family is not trained on annotations"
 
     @classmethod
+    def trains_target(cls, target: Target) -> str | None:
+        """Return None when annotations of this target can train the model, else why not (cheap)."""
+        return None
+
+    @classmethod
     def train(cls, run: TrainingRun) -> TrainResult:
         """Fine-tune run.spec on run.examples for run.labels; write the model into run.output_dir.
 

@@ -270,7 +270,13 @@ class ModelService:
         device = self.training_device()
         jobs, refused = [], {}
         for spec in plan.specs:
-            reason = self.runtime.family(spec).trainable(spec, self.settings)
+            family = self.runtime.family(spec)
+            reason = family.trainable(spec, self.settings)
+            if not reason:
+                # a model trains only on the tags its family learns from (NER: Labels on Text)
+                why_not = [family.trains_target(t) for t in plan.targets_of(spec.key)]
+                if why_not and all(why_not):
+                    reason = "; ".join(dict.fromkeys(str(w) for w in why_not))
             if reason:
                 refused[spec.key] = reason
                 continue

@@ -364,3 +364,21 @@ def test_inline_tasks_are_written_before_a_waiting_trainer_can_claim_the_job(
         trainer.join(10)
     assert job is not None and job.state == "done", (job.state, job.error) if job else None
     model.close()
+
+
+def test_ner_on_hypertext_is_refused_with_the_reason_not_skipped_later(tmp_path: Path) -> None:
+    """NER learns from Labels on Text only: a HyperText project gets a 422 that says so, no job."""
+    from backends.ner import NerBackend
+
+    cfg = Settings(model_dir=str(tmp_path / "md"), label_studio_url="http://x", label_studio_api_key="k")
+    model = ModelService(cfg, Runtime(cfg, {"ner": NerBackend}, resolver=FakeResolver()), families_ref=REF)
+    request = fixture_request("webhook_START_TRAINING")
+    request["body"]["project"]["label_config"] = """<View>
+      <HyperText name="page" value="$html"/>
+      <HyperTextLabels name="ents" toName="page"><Label value="Person"/></HyperTextLabels>
+    </View>"""
+    refused = create_app(cfg, model=model).test_client().post("/webhook", json=request["body"])
+    assert refused.status_code == 422
+    assert "<HyperTextLabels> on <HyperText> is not trained" in refused.json["message"]
+    assert model.training_jobs.list() == []
+    model.close()
