@@ -135,30 +135,56 @@ BLOCK_BREAK = "\n\n"
 LINE_BREAK = "\n"
 
 
+# Characters JavaScript holds as two UTF-16 code units (a surrogate pair). A lone surrogate (possible in
+# JSON: "\udc00") is one unit there, as here.
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
 def utf16_len(text: str) -> int:
     """Return the length of text in UTF-16 code units (JavaScript's string length)."""
     if text.isascii():
         return len(text)
-    return len(text.encode("utf-16-le")) // 2
+    return len(text) + len(_ASTRAL.findall(text))
 
 
 def utf16_offset(text: str, index: int) -> int:
     """Return the UTF-16 offset of code point `index` of text (a DOM Range / JavaScript offset)."""
-    return utf16_len(text[:index])
+    if text.isascii():
+        return index
+    return index + len(_ASTRAL.findall(text, 0, max(0, index)))
 
 
 def code_point_index(text: str, offset: int) -> int | None:
     """Return the code point index at UTF-16 `offset` of text; None when past the end or inside a pair."""
     if text.isascii():
         return offset if 0 <= offset <= len(text) else None
-    units = 0
-    for i, ch in enumerate(text):
-        if units == offset:
-            return i
-        if units > offset:
+    return Utf16Map(text).index(offset)
+
+
+class Utf16Map:
+    """Offsets of one text in code points and in UTF-16 units, converted in O(log n) once built (O(n), in C)."""
+
+    __slots__ = ("_cps", "_units", "length", "units")
+
+    def __init__(self, text: str) -> None:
+        """Find the text's astral characters (two UTF-16 units each)."""
+        self._cps = [m.start() for m in _ASTRAL.finditer(text)]  # their code point indices
+        self._units = [cp + i for i, cp in enumerate(self._cps)]  # their UTF-16 offsets
+        self.length = len(text)
+        self.units = len(text) + len(self._cps)  # the UTF-16 length
+
+    def offset(self, index: int) -> int:
+        """Return the UTF-16 offset of code point `index`."""
+        return index + bisect.bisect_left(self._cps, index)
+
+    def index(self, offset: int) -> int | None:
+        """Return the code point index at UTF-16 `offset`; None when outside the text or inside a pair."""
+        if not 0 <= offset <= self.units:
             return None
-        units += 2 if ord(ch) > 0xFFFF else 1
-    return len(text) if units == offset else None
+        pairs = bisect.bisect_left(self._units, offset)  # pairs that start before the offset
+        if pairs and self._units[pairs - 1] + 1 == offset:
+            return None
+        return offset - pairs
 
 
 def decode_value(value: str, encoding: str = "") -> str:
@@ -241,6 +267,21 @@ class HtmlDocument:
         # visible text offset -> (node, code point in node), as runs: where each run starts in the
         # visible text, its node, its first code point in the node, its length
         self._seg_vis, self._seg_node, self._seg_cp, self._seg_len = segments
+        self._utf16: dict[int, Utf16Map] = {}  # per non-ASCII node, built on first use
+
+    def _map(self, index: int) -> Utf16Map | None:
+        """Return the UTF-16 map of a node (None for ASCII text: offsets are the same)."""
+        data = self.nodes[index].data
+        if data.isascii():
+            return None
+        found = self._utf16.get(index)
+        if found is None:
+            found = self._utf16[index] = Utf16Map(data)
+        return found
+
+    def _utf16_offset(self, index: int, cp: int) -> int:
+        found = self._map(index)
+        return cp if found is None else found.offset(cp)
 
     # ---- visible text -> Label Studio range ----
     def _locate(self, pos: int) -> int:
@@ -273,9 +314,9 @@ class HtmlDocument:
         a, b = self.nodes[n0], self.nodes[n1]
         return HtmlRange(
             start=a.path,
-            start_offset=utf16_offset(a.data, k0),
+            start_offset=self._utf16_offset(n0, k0),
             end=b.path,
-            end_offset=utf16_offset(b.data, k1),
+            end_offset=self._utf16_offset(n1, k1),
             global_start=a.start + k0,
             global_end=b.start + k1,
             text=text[start:end],
@@ -312,12 +353,13 @@ class HtmlDocument:
         node = self.nodes[index]
         if not isinstance(offset, int) or isinstance(offset, bool):
             raise ValueError(f"offset {offset!r} is not an integer")
-        size = utf16_len(node.data)
+        found = self._map(index)
+        size = len(node.data) if found is None else found.units
         if not 0 <= offset <= size:
             raise ValueError(
                 f"offset {offset} is outside its node {path!r} ({size} UTF-16 code units: {node.data[:40]!r})"
             )
-        cp = code_point_index(node.data, offset)
+        cp = offset if found is None else found.index(offset)
         if cp is None:
             raise ValueError(f"offset {offset} splits a surrogate pair in node {path!r}")
         return node.start + cp
