@@ -15,7 +15,8 @@ What Label Studio 1.23.2's editor does with a `<HyperText>` value (RichText tag,
 Label Studio 1.23.2 stores uploaded `.html` files and inline JSON values verbatim (no minifier; older
 versions ran htmlmin on uploads), so offsets computed on the task's value land where annotators see them.
 What is not mirrored: DOM differences between sanitize-html's own parser and the browser's on malformed
-markup, and `<noscript>` text re-serialised by sanitize-html (only `globalOffsets` after it would shift).
+markup, `<noscript>` text re-serialised by sanitize-html (only `globalOffsets` after it would shift), and
+Chromium attaching elements nested deeper than 512 levels higher up (such pages are walked, not mirrored).
 
 The NER input is the visible text: hidden subtrees (`head`, `style`, `title`, `template`, `[hidden]`,
 `display:none`...) left out, whitespace collapsed as CSS does outside `<pre>`, block boundaries and `<br>`
@@ -30,7 +31,7 @@ import bisect
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -386,6 +387,19 @@ def same_text(a: str, b: str) -> bool:
     return _ANY_WS.sub(" ", a) == _ANY_WS.sub(" ", b)
 
 
+@dataclass(slots=True)
+class _Level:
+    """One parent being walked: its next child, XPath, inherited hiding and white space, its counters."""
+
+    child: Any
+    prefix: str
+    hidden: bool
+    pre: bool
+    block: bool  # a visible block: a block break is owed when its children end
+    counters: dict[str, int] = field(default_factory=dict)
+    text: list[str] = field(default_factory=list)  # adjacent text pieces (merged once a node ends)
+
+
 class _Builder:
     """Walk a parsed tree once: text nodes, XPaths, global offsets and the visible text with its mapping."""
 
@@ -463,30 +477,38 @@ class _Builder:
 
     # ---- the walk ----
     def walk(self, first: Any) -> None:
-        """Walk the siblings from `first` (the root's first child) and everything under them."""
-        # (first child, path prefix, hidden, preformatted); children are handled parent by parent so
-        # that same-named siblings are counted after sanitizing (dropped nodes, merged text)
-        self._children(first, "", False, False)
+        """Walk the siblings from `first` (the root's first child) and everything under them.
 
-    def _children(self, first: Any, prefix: str, hidden: bool, pre: bool) -> None:
-        counters: dict[str, int] = {}
-        child = first
-        text_parts: list[str] = []
-        while child is not None:
+        Children are handled parent by parent, so that same-named siblings are counted after
+        sanitizing (dropped nodes, merged text). A stack of levels, not recursion: pages nest
+        hundreds of elements deep (Chromium keeps 512 levels), past Python's recursion limit.
+        """
+        stack = [_Level(first, "", hidden=False, pre=False, block=False)]
+        while stack:
+            level = stack[-1]
+            child = level.child
+            if child is None:
+                self._flush(level)
+                stack.pop()
+                if level.block:
+                    self.brk(BLOCK_BREAK)
+                continue
+            level.child = child.next
             if child.is_text_node:
-                text_parts.append(child.text_content or "")
-                child = child.next
+                level.text.append(child.text_content or "")
                 continue
             if child.is_comment_node or not child.is_element_node or _dropped(child):
-                child = child.next  # removed by sanitize-html: the text around it merges
-                continue
-            if text_parts:
-                self._text("".join(text_parts), prefix, counters, hidden, pre)
-                text_parts = []
-            self._element(child, prefix, counters, hidden, pre)
-            child = child.next
-        if text_parts:
-            self._text("".join(text_parts), prefix, counters, hidden, pre)
+                continue  # removed by sanitize-html: the text around it merges
+            self._flush(level)
+            inner = self._element(child, level)
+            if inner is not None:
+                stack.append(inner)
+
+    def _flush(self, level: _Level) -> None:
+        """Add the text gathered since the level's last element as one text node."""
+        if level.text:
+            self._text("".join(level.text), level.prefix, level.counters, level.hidden, level.pre)
+            level.text.clear()
 
     def _text(self, data: str, prefix: str, counters: dict[str, int], hidden: bool, pre: bool) -> None:
         if not data:
@@ -498,28 +520,34 @@ class _Builder:
         if not hidden:
             self.visible_text(index, data, pre)
 
-    def _element(self, el: Any, prefix: str, counters: dict[str, int], hidden: bool, pre: bool) -> None:
+    def _element(self, el: Any, parent: _Level) -> _Level | None:
+        """Count an element; return the level of its children, None when it has none."""
         name = str(el.tag).lower()
-        n = counters[name] = counters.get(name, 0) + 1
-        path = f"{prefix}/{name}[{n}]"
+        n = parent.counters[name] = parent.counters.get(name, 0) + 1
+        path = f"{parent.prefix}/{name}[{n}]"
         self.element_starts.setdefault(path, self.pos)
         if name == "br":
             self.pos += 1
-            if not hidden:
+            if not parent.hidden:
                 self.brk(LINE_BREAK)
-            return
-        attrs = el.attributes if (el.attributes and not hidden) else {}
+            return None
+        attrs = el.attributes if (el.attributes and not parent.hidden) else {}
         style = str(attrs.get("style") or "")
-        hide = hidden or name in _HIDDEN or "hidden" in attrs or bool(style and _HIDDEN_STYLE.search(style))
-        keep = pre or name in _PREFORMATTED or bool(style and _PRE_STYLE.search(style))
-        block = name in _BLOCKS
-        if block and not hide:
+        hide = (
+            parent.hidden
+            or name in _HIDDEN
+            or "hidden" in attrs
+            or bool(style and _HIDDEN_STYLE.search(style))
+        )
+        keep = parent.pre or name in _PREFORMATTED or bool(style and _PRE_STYLE.search(style))
+        block = name in _BLOCKS and not hide
+        if block:
             self.brk(BLOCK_BREAK)
-        first = el.child
-        if first is not None:
-            self._children(first, path, hide, keep)
-        if block and not hide:
-            self.brk(BLOCK_BREAK)
+        if el.child is None:
+            if block:
+                self.brk(BLOCK_BREAK)
+            return None
+        return _Level(el.child, path, hidden=hide, pre=keep, block=block)
 
     def build(self) -> HtmlDocument:
         """Return the document model."""

@@ -317,3 +317,22 @@ def test_paragraphs_with_a_lone_surrogate_validate_instead_of_raising() -> None:
         assert check_items(schema, [dict(region, value=value)], data) == []
         wrong = {**value, "startOffset": start - 1, "endOffset": start - 1 + len(words)}
         assert [p.code for p in check_items(schema, [dict(region, value=wrong)], data)] == ["span_mismatch"]
+
+
+def test_deeply_nested_pages_are_walked_without_recursion() -> None:
+    """500 nested elements (Chromium keeps up to 512) give exact ranges instead of a RecursionError."""
+    depth = 500
+    html = "<div>" * depth + "Barack <b>Obama</b> met" + "</div>" * depth + "<p>Angela Merkel</p>"
+    for inline in (False, True):
+        doc = parse_html(html, inline=inline)
+        deep = "/div[1]" * depth
+        assert [(n.path, n.data) for n in doc.nodes] == [
+            (f"{deep}/text()[1]", "Barack "),
+            (f"{deep}/b[1]/text()[1]", "Obama"),
+            (f"{deep}/text()[2]", " met"),
+            ("/p[1]/text()[1]", "Angela Merkel"),
+        ]
+        assert doc.text == "Barack Obama met\n\nAngela Merkel"
+        assert _range(doc, "Barack Obama")[:4] == (f"{deep}/text()[1]", 0, f"{deep}/b[1]/text()[1]", 5)
+        _round_trip(doc, "Barack Obama")
+        _round_trip(doc, "Angela Merkel")
