@@ -139,6 +139,7 @@ LINE_BREAK = "\n"
 # Characters JavaScript holds as two UTF-16 code units (a surrogate pair). A lone surrogate (possible in
 # JSON: "\udc00") is one unit there, as here.
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def utf16_len(text: str) -> int:
@@ -598,7 +599,11 @@ def parse_html(html: str, inline: bool = False) -> HtmlDocument:
 
 
 def paragraph_texts(value: Any, text_key: str = "text") -> list[str]:
-    """Return the text of each paragraph of a Paragraphs value (a list of objects); raise ValueError otherwise."""
+    """Return the text of each paragraph of a Paragraphs value (a list of objects); raise ValueError otherwise.
+
+    A lone surrogate (JSON allows "\ud83d", e.g. a chat export cut inside an emoji) becomes U+FFFD, one
+    for one: both are one UTF-16 unit, so offsets stay the editor's, and models cannot take it as is.
+    """
     if not isinstance(value, list):
         raise ValueError(f"Paragraphs data must be a list of objects, got {type(value).__name__}")
     texts = []
@@ -606,5 +611,6 @@ def paragraph_texts(value: Any, text_key: str = "text") -> list[str]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"paragraph {i} is a {type(entry).__name__}, not an object")
         raw = entry.get(text_key)
-        texts.append("" if raw is None else str(raw))
+        text = "" if raw is None else str(raw)
+        texts.append(text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text))
     return texts
