@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Before any torch op: worker threads copy the flag from this thread when they are created, and
     # random weights leave denormal floats that make CPU kernels ~10x slower in threads without it
-    # (the server sets it in load(), before its model thread exists).
+    # (the server sets it in forward(), on its model thread).
     torch.set_flush_denormal(True)
     width, height = (int(v) for v in args.size.split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-sam-"))

@@ -15,7 +15,8 @@ What Label Studio 1.23.2's editor does with a `<HyperText>` value (RichText tag,
 Label Studio 1.23.2 stores uploaded `.html` files and inline JSON values verbatim (no minifier; older
 versions ran htmlmin on uploads), so offsets computed on the task's value land where annotators see them.
 What is not mirrored: DOM differences between sanitize-html's own parser and the browser's on malformed
-markup, and `<noscript>` text re-serialised by sanitize-html (only `globalOffsets` after it would shift).
+markup, `<noscript>` text re-serialised by sanitize-html (only `globalOffsets` after it would shift), and
+Chromium attaching elements nested deeper than 512 levels higher up (such pages are walked, not mirrored).
 
 The NER input is the visible text: hidden subtrees (`head`, `style`, `title`, `template`, `[hidden]`,
 `display:none`...) left out, whitespace collapsed as CSS does outside `<pre>`, block boundaries and `<br>`
@@ -30,7 +31,7 @@ import bisect
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -135,30 +136,57 @@ BLOCK_BREAK = "\n\n"
 LINE_BREAK = "\n"
 
 
+# Characters JavaScript holds as two UTF-16 code units (a surrogate pair). A lone surrogate (possible in
+# JSON: "\udc00") is one unit there, as here.
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def utf16_len(text: str) -> int:
     """Return the length of text in UTF-16 code units (JavaScript's string length)."""
     if text.isascii():
         return len(text)
-    return len(text.encode("utf-16-le")) // 2
+    return len(text) + len(_ASTRAL.findall(text))
 
 
 def utf16_offset(text: str, index: int) -> int:
     """Return the UTF-16 offset of code point `index` of text (a DOM Range / JavaScript offset)."""
-    return utf16_len(text[:index])
+    if text.isascii():
+        return index
+    return index + len(_ASTRAL.findall(text, 0, max(0, index)))
 
 
 def code_point_index(text: str, offset: int) -> int | None:
     """Return the code point index at UTF-16 `offset` of text; None when past the end or inside a pair."""
     if text.isascii():
         return offset if 0 <= offset <= len(text) else None
-    units = 0
-    for i, ch in enumerate(text):
-        if units == offset:
-            return i
-        if units > offset:
+    return Utf16Map(text).index(offset)
+
+
+class Utf16Map:
+    """Offsets of one text in code points and in UTF-16 units, converted in O(log n) once built (O(n), in C)."""
+
+    __slots__ = ("_cps", "_units", "length", "units")
+
+    def __init__(self, text: str) -> None:
+        """Find the text's astral characters (two UTF-16 units each)."""
+        self._cps = [m.start() for m in _ASTRAL.finditer(text)]  # their code point indices
+        self._units = [cp + i for i, cp in enumerate(self._cps)]  # their UTF-16 offsets
+        self.length = len(text)
+        self.units = len(text) + len(self._cps)  # the UTF-16 length
+
+    def offset(self, index: int) -> int:
+        """Return the UTF-16 offset of code point `index`."""
+        return index + bisect.bisect_left(self._cps, index)
+
+    def index(self, offset: int) -> int | None:
+        """Return the code point index at UTF-16 `offset`; None when outside the text or inside a pair."""
+        if not 0 <= offset <= self.units:
             return None
-        units += 2 if ord(ch) > 0xFFFF else 1
-    return len(text) if units == offset else None
+        pairs = bisect.bisect_left(self._units, offset)  # pairs that start before the offset
+        if pairs and self._units[pairs - 1] + 1 == offset:
+            return None
+        return offset - pairs
 
 
 def decode_value(value: str, encoding: str = "") -> str:
@@ -241,6 +269,21 @@ class HtmlDocument:
         # visible text offset -> (node, code point in node), as runs: where each run starts in the
         # visible text, its node, its first code point in the node, its length
         self._seg_vis, self._seg_node, self._seg_cp, self._seg_len = segments
+        self._utf16: dict[int, Utf16Map] = {}  # per non-ASCII node, built on first use
+
+    def _map(self, index: int) -> Utf16Map | None:
+        """Return the UTF-16 map of a node (None for ASCII text: offsets are the same)."""
+        data = self.nodes[index].data
+        if data.isascii():
+            return None
+        found = self._utf16.get(index)
+        if found is None:
+            found = self._utf16[index] = Utf16Map(data)
+        return found
+
+    def _utf16_offset(self, index: int, cp: int) -> int:
+        found = self._map(index)
+        return cp if found is None else found.offset(cp)
 
     # ---- visible text -> Label Studio range ----
     def _locate(self, pos: int) -> int:
@@ -273,9 +316,9 @@ class HtmlDocument:
         a, b = self.nodes[n0], self.nodes[n1]
         return HtmlRange(
             start=a.path,
-            start_offset=utf16_offset(a.data, k0),
+            start_offset=self._utf16_offset(n0, k0),
             end=b.path,
-            end_offset=utf16_offset(b.data, k1),
+            end_offset=self._utf16_offset(n1, k1),
             global_start=a.start + k0,
             global_end=b.start + k1,
             text=text[start:end],
@@ -312,12 +355,13 @@ class HtmlDocument:
         node = self.nodes[index]
         if not isinstance(offset, int) or isinstance(offset, bool):
             raise ValueError(f"offset {offset!r} is not an integer")
-        size = utf16_len(node.data)
+        found = self._map(index)
+        size = len(node.data) if found is None else found.units
         if not 0 <= offset <= size:
             raise ValueError(
                 f"offset {offset} is outside its node {path!r} ({size} UTF-16 code units: {node.data[:40]!r})"
             )
-        cp = code_point_index(node.data, offset)
+        cp = offset if found is None else found.index(offset)
         if cp is None:
             raise ValueError(f"offset {offset} splits a surrogate pair in node {path!r}")
         return node.start + cp
@@ -342,6 +386,19 @@ def same_text(a: str, b: str) -> bool:
     character off onto a space is still caught.
     """
     return _ANY_WS.sub(" ", a) == _ANY_WS.sub(" ", b)
+
+
+@dataclass(slots=True)
+class _Level:
+    """One parent being walked: its next child, XPath, inherited hiding and white space, its counters."""
+
+    child: Any
+    prefix: str
+    hidden: bool
+    pre: bool
+    block: bool  # a visible block: a block break is owed when its children end
+    counters: dict[str, int] = field(default_factory=dict)
+    text: list[str] = field(default_factory=list)  # adjacent text pieces (merged once a node ends)
 
 
 class _Builder:
@@ -421,30 +478,38 @@ class _Builder:
 
     # ---- the walk ----
     def walk(self, first: Any) -> None:
-        """Walk the siblings from `first` (the root's first child) and everything under them."""
-        # (first child, path prefix, hidden, preformatted); children are handled parent by parent so
-        # that same-named siblings are counted after sanitizing (dropped nodes, merged text)
-        self._children(first, "", False, False)
+        """Walk the siblings from `first` (the root's first child) and everything under them.
 
-    def _children(self, first: Any, prefix: str, hidden: bool, pre: bool) -> None:
-        counters: dict[str, int] = {}
-        child = first
-        text_parts: list[str] = []
-        while child is not None:
+        Children are handled parent by parent, so that same-named siblings are counted after
+        sanitizing (dropped nodes, merged text). A stack of levels, not recursion: pages nest
+        hundreds of elements deep (Chromium keeps 512 levels), past Python's recursion limit.
+        """
+        stack = [_Level(first, "", hidden=False, pre=False, block=False)]
+        while stack:
+            level = stack[-1]
+            child = level.child
+            if child is None:
+                self._flush(level)
+                stack.pop()
+                if level.block:
+                    self.brk(BLOCK_BREAK)
+                continue
+            level.child = child.next
             if child.is_text_node:
-                text_parts.append(child.text_content or "")
-                child = child.next
+                level.text.append(child.text_content or "")
                 continue
             if child.is_comment_node or not child.is_element_node or _dropped(child):
-                child = child.next  # removed by sanitize-html: the text around it merges
-                continue
-            if text_parts:
-                self._text("".join(text_parts), prefix, counters, hidden, pre)
-                text_parts = []
-            self._element(child, prefix, counters, hidden, pre)
-            child = child.next
-        if text_parts:
-            self._text("".join(text_parts), prefix, counters, hidden, pre)
+                continue  # removed by sanitize-html: the text around it merges
+            self._flush(level)
+            inner = self._element(child, level)
+            if inner is not None:
+                stack.append(inner)
+
+    def _flush(self, level: _Level) -> None:
+        """Add the text gathered since the level's last element as one text node."""
+        if level.text:
+            self._text("".join(level.text), level.prefix, level.counters, level.hidden, level.pre)
+            level.text.clear()
 
     def _text(self, data: str, prefix: str, counters: dict[str, int], hidden: bool, pre: bool) -> None:
         if not data:
@@ -456,28 +521,34 @@ class _Builder:
         if not hidden:
             self.visible_text(index, data, pre)
 
-    def _element(self, el: Any, prefix: str, counters: dict[str, int], hidden: bool, pre: bool) -> None:
+    def _element(self, el: Any, parent: _Level) -> _Level | None:
+        """Count an element; return the level of its children, None when it has none."""
         name = str(el.tag).lower()
-        n = counters[name] = counters.get(name, 0) + 1
-        path = f"{prefix}/{name}[{n}]"
+        n = parent.counters[name] = parent.counters.get(name, 0) + 1
+        path = f"{parent.prefix}/{name}[{n}]"
         self.element_starts.setdefault(path, self.pos)
         if name == "br":
             self.pos += 1
-            if not hidden:
+            if not parent.hidden:
                 self.brk(LINE_BREAK)
-            return
-        attrs = el.attributes if (el.attributes and not hidden) else {}
+            return None
+        attrs = el.attributes if (el.attributes and not parent.hidden) else {}
         style = str(attrs.get("style") or "")
-        hide = hidden or name in _HIDDEN or "hidden" in attrs or bool(style and _HIDDEN_STYLE.search(style))
-        keep = pre or name in _PREFORMATTED or bool(style and _PRE_STYLE.search(style))
-        block = name in _BLOCKS
-        if block and not hide:
+        hide = (
+            parent.hidden
+            or name in _HIDDEN
+            or "hidden" in attrs
+            or bool(style and _HIDDEN_STYLE.search(style))
+        )
+        keep = parent.pre or name in _PREFORMATTED or bool(style and _PRE_STYLE.search(style))
+        block = name in _BLOCKS and not hide
+        if block:
             self.brk(BLOCK_BREAK)
-        first = el.child
-        if first is not None:
-            self._children(first, path, hide, keep)
-        if block and not hide:
-            self.brk(BLOCK_BREAK)
+        if el.child is None:
+            if block:
+                self.brk(BLOCK_BREAK)
+            return None
+        return _Level(el.child, path, hidden=hide, pre=keep, block=block)
 
     def build(self) -> HtmlDocument:
         """Return the document model."""
@@ -528,7 +599,11 @@ def parse_html(html: str, inline: bool = False) -> HtmlDocument:
 
 
 def paragraph_texts(value: Any, text_key: str = "text") -> list[str]:
-    """Return the text of each paragraph of a Paragraphs value (a list of objects); raise ValueError otherwise."""
+    """Return the text of each paragraph of a Paragraphs value (a list of objects); raise ValueError otherwise.
+
+    A lone surrogate (JSON allows "\ud83d", e.g. a chat export cut inside an emoji) becomes U+FFFD, one
+    for one: both are one UTF-16 unit, so offsets stay the editor's, and models cannot take it as is.
+    """
     if not isinstance(value, list):
         raise ValueError(f"Paragraphs data must be a list of objects, got {type(value).__name__}")
     texts = []
@@ -536,5 +611,6 @@ def paragraph_texts(value: Any, text_key: str = "text") -> list[str]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"paragraph {i} is a {type(entry).__name__}, not an object")
         raw = entry.get(text_key)
-        texts.append("" if raw is None else str(raw))
+        text = "" if raw is None else str(raw)
+        texts.append(text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text))
     return texts

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
+from serving import hypertext
 from serving.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -638,7 +639,7 @@ class _Checker:
                 text = raw
         if text is None:
             return []
-        if end > len(text) and end > _utf16_len(text):
+        if end > len(text) and end > hypertext.utf16_len(text):
             return [
                 self.problem(
                     item,
@@ -664,8 +665,6 @@ class _Checker:
         self, item: Mapping[str, Any], obj: ObjectInfo, value: Mapping[str, Any]
     ) -> list[Problem]:
         """Check an XPath range: both paths resolve in the document as shown, offsets inside their nodes, text."""
-        from serving import hypertext
-
         start, end = value.get("start"), value.get("end")
         soff, eoff = value.get("startOffset"), value.get("endOffset")
         if not (isinstance(start, str) and isinstance(end, str)) or not all(
@@ -765,8 +764,6 @@ class _Checker:
         self, item: Mapping[str, Any], obj: ObjectInfo, value: Mapping[str, Any]
     ) -> list[Problem]:
         """Check a Paragraphs range: paragraph indices, UTF-16 offsets inside them, and the text."""
-        from serving import hypertext
-
         raw_index = {k: value.get(k) for k in ("start", "end")}
         soff, eoff = value.get("startOffset"), value.get("endOffset")
         index: dict[str, int] = {}
@@ -904,14 +901,14 @@ def rle_value_count(rle: Any) -> int:
     return num
 
 
-def _utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
-
-
 def _utf16_slice(text: str, start: int, end: int | None) -> str:
-    """Return text[start:end] in UTF-16 code units (the offsets Label Studio's browser editor uses)."""
+    """Return text[start:end] in UTF-16 code units (the offsets Label Studio's browser editor uses).
+
+    surrogatepass: a lone surrogate of the task's JSON is one unit, as in JavaScript, not an error.
+    """
     stop = None if end is None else 2 * end
-    return text.encode("utf-16-le")[2 * start : stop].decode("utf-16-le", errors="replace")
+    units = text.encode("utf-16-le", "surrogatepass")[2 * start : stop]
+    return units.decode("utf-16-le", "surrogatepass")
 
 
 def _dynamic_labels(raw: Any) -> frozenset[str] | None:

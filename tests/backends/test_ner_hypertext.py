@@ -245,3 +245,23 @@ def test_transformers_batch_mixes_text_pages_and_dialogues(planted: NerBackend) 
         ("0", 0, 12, "barack obama"),
         ("2", 3, 8, "paris"),  # after the emoji: UTF-16 units
     ]
+
+
+def test_a_dialogue_with_a_lone_surrogate_is_predicted(client: Any) -> None:
+    """A chat export cut inside an emoji leaves "\\ud83d" in the JSON: one UTF-16 unit, predicted around."""
+    config = f'<View><Paragraphs name="d" value="$d"/><ParagraphLabels name="pl" toName="d">{_LABELS}</ParagraphLabels></View>'
+    line = "Hello \ud83d I met Angela Merkel in Paris."
+    task = {"id": 3, "data": {"d": [{"author": "A", "text": line}]}}
+    body = json.dumps({"tasks": [task], "label_config": config})  # JSON keeps the lone surrogate
+    response = client.post("/predict", data=body, content_type="application/json")
+    (prediction,) = response.json["results"]
+    assert "error" not in prediction, prediction
+    found = [
+        (r["value"]["text"], r["value"]["startOffset"], r["value"]["endOffset"]) for r in prediction["result"]
+    ]
+    # the surrogate counts one unit, as in the browser: offsets are the code point indices here
+    assert found == [
+        ("Angela Merkel", line.index("Angela"), line.index("Angela") + 13),
+        ("Paris", line.index("Paris"), line.index("Paris") + 5),
+    ]
+    assert check_prediction(ConfigSchema.from_config(config), prediction, task["data"], deep=True) == []

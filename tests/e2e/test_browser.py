@@ -167,6 +167,14 @@ SMART_TOOLS = "document.querySelector('button.lsf-tool_smart:not([aria-label])')
 LABEL_BUTTON = "Array.from(document.querySelectorAll('.lsf-label')).find(l => l.innerText.replace(/\\s+/g, ' ').trim() === '{text}')"
 # The image stage: Konva's canvases lie over the image.
 STAGE = "document.querySelector('.konvajs-content canvas')"
+# The regions of the annotation being edited, from the editor's store (window.Htx): [type, label,
+# RLE length]. The region list shows the click's own keypoint with the same label while the answer
+# is on its way; only the store tells a brush mask from it.
+REGIONS = """(() => {
+  const a = window.Htx && window.Htx.annotationStore && window.Htx.annotationStore.selected;
+  if (!a) return null;
+  return a.regionStore.regions.map(r => [r.type, r.labelName || '', r.rle ? r.rle.length : 0]);
+})()"""
 
 
 def _rect(browser: Chromium, query: str, what: str) -> list[float]:
@@ -204,6 +212,14 @@ def test_sam_click_on_the_labeling_page_shows_a_mask(
     def rendered(state: Any) -> bool:
         return isinstance(state, dict) and "Cat" in regions_panel(state["text"])
 
+    # Auto-Accept keeps the suggested mask and deletes the click: one brush region labelled Cat
+    # whose RLE came from our server.
+    (region,) = browser.wait_for(
+        REGIONS,
+        lambda r: isinstance(r, list) and [t for t, *_ in r] == ["brushregion"],
+        "the brush mask from our server in the annotation",
+    )
+    assert region[1] == "Cat" and region[2] > 0, region
     browser.wait_for(PAGE_STATE, rendered, "the mask from our server in the region list")
     # the click went to our server and was answered from the cached embedding
     assert cache_counter(sam_setup.server, "hits") > hits

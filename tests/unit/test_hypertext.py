@@ -17,6 +17,7 @@ from serving.hypertext import (
     paragraph_texts,
     parse_html,
     same_text,
+    utf16_len,
     utf16_offset,
 )
 
@@ -271,3 +272,67 @@ def test_any_span_of_visible_text_round_trips(html: str, data: st.DataObject) ->
     assert doc.global_offset(rng.start, rng.start_offset) == rng.global_start
     assert doc.global_offset(rng.end, rng.end_offset) == rng.global_end
     assert same_text(doc.text_between(rng.global_start, rng.global_end), rng.text)
+
+
+def _js_units(text: str) -> bytes:
+    """Return text as JavaScript holds it: UTF-16 code units, a lone surrogate being one unit."""
+    return text.encode("utf-16-le", "surrogatepass")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab é中😀🇨\ud800\udc00"), max_size=12), st.data())
+def test_utf16_conversions_count_as_javascript_does(text: str, data: st.DataObject) -> None:
+    """Astral characters are two units, everything else one, lone surrogates (JSON "\\udc00") included."""
+    units = _js_units(text)
+    assert utf16_len(text) == len(units) // 2
+    index = data.draw(st.integers(0, len(text)))
+    assert utf16_offset(text, index) == len(_js_units(text[:index])) // 2
+    offsets = {len(_js_units(text[:i])) // 2: i for i in range(len(text) + 1)}
+    for offset in range(-1, len(units) // 2 + 2):
+        assert code_point_index(text, offset) == offsets.get(offset)
+
+
+def test_paragraphs_with_a_lone_surrogate_validate_instead_of_raising() -> None:
+    """A lone surrogate in a task's JSON is one UTF-16 unit in the editor; the validator counts it so."""
+    from serving.validation import ConfigSchema, check_items
+
+    config = (
+        '<View><Paragraphs name="d" value="$d"/><ParagraphLabels name="pl" toName="d">'
+        '<Label value="Person"/></ParagraphLabels></View>'
+    )
+    line = "\udc00 I met Barack Obama 😀 in Paris."
+    region = {
+        "id": "r",
+        "from_name": "pl",
+        "to_name": "d",
+        "type": "paragraphlabels",
+        "value": {"start": "0", "end": "0", "text": "Barack Obama", "paragraphlabels": ["Person"]},
+    }
+    data = {"d": [{"author": "A", "text": line}]}
+    schema = ConfigSchema.from_config(config)
+    for words in ("Barack Obama", "Paris"):
+        cp = line.index(words)
+        start = len(_js_units(line[:cp])) // 2  # 8 for Barack (no pair before), 27 for Paris (after 😀)
+        value = {**region["value"], "startOffset": start, "endOffset": start + len(words), "text": words}
+        assert check_items(schema, [dict(region, value=value)], data) == []
+        wrong = {**value, "startOffset": start - 1, "endOffset": start - 1 + len(words)}
+        assert [p.code for p in check_items(schema, [dict(region, value=wrong)], data)] == ["span_mismatch"]
+
+
+def test_deeply_nested_pages_are_walked_without_recursion() -> None:
+    """500 nested elements (Chromium keeps up to 512) give exact ranges instead of a RecursionError."""
+    depth = 500
+    html = "<div>" * depth + "Barack <b>Obama</b> met" + "</div>" * depth + "<p>Angela Merkel</p>"
+    for inline in (False, True):
+        doc = parse_html(html, inline=inline)
+        deep = "/div[1]" * depth
+        assert [(n.path, n.data) for n in doc.nodes] == [
+            (f"{deep}/text()[1]", "Barack "),
+            (f"{deep}/b[1]/text()[1]", "Obama"),
+            (f"{deep}/text()[2]", " met"),
+            ("/p[1]/text()[1]", "Angela Merkel"),
+        ]
+        assert doc.text == "Barack Obama met\n\nAngela Merkel"
+        assert _range(doc, "Barack Obama")[:4] == (f"{deep}/text()[1]", 0, f"{deep}/b[1]/text()[1]", 5)
+        _round_trip(doc, "Barack Obama")
+        _round_trip(doc, "Angela Merkel")
