@@ -54,12 +54,12 @@ def list_weights(settings: Settings, families: Mapping[str, type[Backend]]) -> i
 def download(settings: Settings, families: Mapping[str, type[Backend]], models: Sequence[str] = ()) -> int:
     """Download the weights of the families' models (or only `models`); return the number of failures."""
     failures = 0
-    unclaimed = set(models)
+    owners = {m: _owner(m, families) for m in models}
+    unclaimed = {m for m, owner in owners.items() if owner is None}
     for family, cls in families.items():
-        names = [m for m in models if cls.accepts_model(m)] if models else []
+        names = [m for m in models if owners[m] == family]
         if models and not names:
             continue
-        unclaimed -= set(names)
         try:
             for path in cls.download_weights(names, settings):  # type: ignore[attr-defined]
                 log.info("%-22s ready: %s", family, path)
@@ -70,6 +70,18 @@ def download(settings: Settings, families: Mapping[str, type[Backend]], models: 
         failures += 1
         log.error("no family serves a model named %r", name)
     return failures
+
+
+def _owner(model: str, families: Mapping[str, type[Backend]]) -> str | None:
+    """Return the family that downloads a model name: one that names it, before a catch-all family.
+
+    NER accepts any name (a spaCy package or a Hugging Face id), so a SAM or Grounding DINO id would
+    otherwise be fetched twice; a family that accepts a name no model has is a catch-all.
+    """
+    accepting = [family for family, cls in families.items() if cls.accepts_model(model)]
+    specific = [f for f in accepting if not families[f].accepts_model("\x00 no such model")]
+    chosen = specific or accepting
+    return chosen[0] if chosen else None
 
 
 def run(

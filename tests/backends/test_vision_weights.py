@@ -161,3 +161,22 @@ def test_checkpoint_dir_without_importing_torch(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip().startswith(str(tmp_path))
+
+
+def test_a_model_id_is_downloaded_by_its_own_family_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NER accepts any name, yet a SAM id is fetched by the SAM family alone (the Docker build fetched it twice)."""
+    import model
+
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    families = weights_cli.families_with_weights(model.families())
+    for family, cls in families.items():
+        monkeypatch.setattr(
+            cls,
+            "download_weights",
+            classmethod(lambda c, names, s, f=family: calls.append((f, tuple(names))) or []),
+        )
+    sam_id, ner_id = "facebook/sam2.1-hiera-tiny", "dslim/bert-base-NER"
+    assert weights_cli.download(settings(tmp_path), families, [sam_id, ner_id, "resnet50"]) == 0
+    assert sorted(calls) == [("image_classification", ("resnet50",)), ("ner", (ner_id,)), ("sam", (sam_id,))]
