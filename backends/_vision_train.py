@@ -144,6 +144,22 @@ def amp_setup(device: str) -> tuple[bool, Any, Any]:
 # ---------------------------------------------------------------------------------------------- detection
 
 
+def sgd_setup(run: TrainingRun, model: Any, lr: float, total_steps: int, device: str) -> tuple[Any, ...]:
+    """Return (optimizer, scheduler, autocast on, its dtype, scaler), resumed from run.checkpoint if any.
+
+    SGD with momentum on the trainable parameters and a linear decay: torchvision's fine-tuning recipe.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=run.learning_rate_or(lr), momentum=0.9, weight_decay=1e-4)
+    scheduler = linear_decay(optimizer, total_steps)
+    amp, amp_dtype, scaler = amp_setup(device)
+    if run.checkpoint is not None:
+        load_state(run.checkpoint, model, optimizer, scheduler, scaler, device)
+    return optimizer, scheduler, amp, amp_dtype, scaler
+
+
 def detector_trainable(name: str) -> str | None:
     """Return why a detector cannot be fine-tuned here, or None."""
     if name not in TRAINABLE_DETECTORS:
@@ -227,12 +243,7 @@ def train_detector(run: TrainingRun, user_kwargs: Any) -> TrainResult:
     epochs = run.epochs_or(DETECTION_EPOCHS)
     batch_size = 4 if device.startswith("cuda") else 2
     steps = (len(train) + batch_size - 1) // batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=run.learning_rate_or(0.005), momentum=0.9, weight_decay=1e-4)
-    scheduler = linear_decay(optimizer, steps * epochs)
-    amp, amp_dtype, scaler = amp_setup(device)
-    if run.checkpoint is not None:
-        load_state(run.checkpoint, model, optimizer, scheduler, scaler, device)
+    optimizer, scheduler, amp, amp_dtype, scaler = sgd_setup(run, model, 0.005, steps * epochs, device)
     log.info(
         "detector %s: %d labels, %d images (%d held out), %d frozen backbone tensors, %s",
         run.spec.name,
@@ -275,7 +286,7 @@ def train_detector(run: TrainingRun, user_kwargs: Any) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 10.0)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -428,12 +439,7 @@ def train_classifier(run: TrainingRun, backend_cls: Any) -> TrainResult:
     epochs = run.epochs_or(CLASSIFICATION_EPOCHS)
     batch_size = 16
     steps = (len(train) + batch_size - 1) // batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=run.learning_rate_or(0.01), momentum=0.9, weight_decay=1e-4)
-    scheduler = linear_decay(optimizer, steps * epochs)
-    amp, amp_dtype, scaler = amp_setup(device)
-    if run.checkpoint is not None:
-        load_state(run.checkpoint, model, optimizer, scheduler, scaler, device)
+    optimizer, scheduler, amp, amp_dtype, scaler = sgd_setup(run, model, 0.01, steps * epochs, device)
     log.info(
         "classifier %s: %d choices, %d images, %d frozen tensors",
         run.spec.name,
