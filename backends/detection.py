@@ -125,6 +125,11 @@ class DetectionBackend(TorchvisionDetectorBase):
         "fasterrcnn_mobilenet_v3_large_fpn",
     )
 
+    @classmethod
+    def default_model_for(cls, settings: Settings) -> str:
+        """Return DETECTOR when it names one of these detectors, else the family's default."""
+        return settings.detector if settings.detector in cls.supported_models else cls.default_model
+
     def postprocess(self, output: Any, target: Target, item: Item) -> list[dict[str, Any]]:
         """Emit one rectangle per detection above the tag's threshold whose label the config accepts."""
         det: tv.Detections = output

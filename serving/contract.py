@@ -34,6 +34,8 @@ class ControlTag:
     attrs: Mapping[str, str] = field(default_factory=dict)
     # config label -> model labels listed in its predicted_values attribute
     predicted_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # config label -> its <Label value>, for labels named by an alias (Label Studio stores the alias)
+    label_values: Mapping[str, str] = field(default_factory=dict)
 
     def attr(self, key: str, default: str = "") -> str:
         """Return a tag attribute, looked up case-insensitively."""
@@ -146,6 +148,9 @@ class Item:
     context: Mapping[str, Any] | None = None
     # Set when the image was decoded smaller than it is (see Backend.input_scale): the size LS shows.
     original_size: tuple[int, int] | None = None
+    # The targets this item is predicted for (its group's control tags), for backends whose input
+    # depends on them (e.g. which drawn regions are prompts).
+    targets: Sequence[Target] = ()
 
     @property
     def task_id(self) -> Any:

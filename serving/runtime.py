@@ -274,7 +274,12 @@ class Runtime:
 
     # ---- prediction ----
     def _prepare(
-        self, task: Any, obj: ObjectTag, backend: Backend, context: Mapping[str, Any] | None
+        self,
+        task: Any,
+        obj: ObjectTag,
+        backend: Backend,
+        context: Mapping[str, Any] | None,
+        targets: Sequence[Target] = (),
     ) -> tuple[Item, Any]:
         if not isinstance(task, Mapping):
             raise InputError(f"task is a {type(task).__name__}, not an object with 'data'")
@@ -289,7 +294,7 @@ class Runtime:
             )
         value = data[obj.value_key]
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
-        item = Item(task=task, obj=obj, context=context)
+        item = Item(task=task, obj=obj, context=context, targets=tuple(targets))
         kind = type(backend).input_kind
         if kind == "image":
             if not isinstance(value, str):
@@ -351,7 +356,12 @@ class Runtime:
                 for slot, obj, targets in groups:
                     slot.add_pending(1)
                     fut = self._pool.submit(
-                        self._prepare, tasks[i], obj, slot.backend, context if interactive else None
+                        self._prepare,
+                        tasks[i],
+                        obj,
+                        slot.backend,
+                        context if interactive else None,
+                        targets,
                     )
                     pending_prep.append((i, slot, targets, fut))
             self._drain(pending_prep, results, reasons, interactive, context, deadline, timeout)
