@@ -587,3 +587,25 @@ def test_weights_download_fetches_named_and_default_models(
     calls.clear()
     assert weights.download(settings, {"open_vocab": OpenVocabBackend, **registry()}, ["owlv2"]) == 0
     assert [c[0] for c in calls] == ["google/owlv2-base-patch16-ensemble"]
+
+
+# ---- CUDA (run wherever it is available) ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["dino", "owl"])
+def test_cuda_fp16_agrees_with_cpu_fp32(checkpoints: dict[str, Path], arch: str) -> None:
+    """The runtime's CUDA path (fp16 autocast) finds the CPU's best boxes, labels and scores."""
+    cpu = loaded(checkpoints[arch], text_threshold=0.0)
+    gpu = OpenVocabBackend(cpu.spec, cpu.settings)
+    gpu.load("cuda")
+    target = vest_car_target()
+    items = items_for(target, [(120, 80), (90, 100)])
+    want = cpu.forward([cpu.preprocess(it) for it in items])
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = gpu.forward([gpu.preprocess(it) for it in items])
+    for a, b in zip(want, got, strict=True):
+        assert len(a.scores) > 0 and np.isfinite(b.scores).all()
+        assert b.entries[0] == a.entries[0]
+        assert b.scores[0] == pytest.approx(a.scores[0], abs=2e-2)
+        np.testing.assert_allclose(b.boxes_xyxy_px[0], a.boxes_xyxy_px[0], atol=1.0)
