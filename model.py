@@ -33,9 +33,12 @@ class MLModel(ModelService):
     """The LabelStudioMLBase-style model (setup, predict, fit) over every family of backends/."""
 
     def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None) -> None:
-        """Build the runtime over the registry unless one is given (tests pass their own)."""
+        """Build the runtime over the registry unless one is given (tests pass their own).
+
+        The trainer process imports the same families by reference ("model:families").
+        """
         settings = settings or Settings.from_env()
-        super().__init__(settings, runtime or build_runtime(settings))
+        super().__init__(settings, runtime or build_runtime(settings), families_ref="model:families")
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -20,7 +20,7 @@ import numpy as np
 
 from backends import _torchvision as tv
 from serving import regions
-from serving.contract import Backend, Item, LabelMap, ModelSpec, Target
+from serving.contract import Backend, Item, LabelMap, ModelSpec, Target, TrainingRun, TrainResult
 
 if TYPE_CHECKING:
     from serving.settings import Settings
@@ -105,6 +105,20 @@ class ClassificationBackend(tv.TorchvisionWeights, Backend):
     def labels(self) -> Sequence[str]:
         """Return the class names."""
         return self.categories
+
+    # ---- training (backends/_vision_train.py) ----
+    @classmethod
+    def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:
+        """Return None when this classifier can be fine-tuned here (its weights present), else why not."""
+        reason = cls.availability(spec, settings)
+        return f"cannot train: {reason}" if reason else None
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> TrainResult:
+        """Replace the last linear layer for the config's choices and fine-tune (early stages frozen)."""
+        from backends import _vision_train
+
+        return _vision_train.train_classifier(run, cls)
 
     def load(self, device: str) -> None:
         """Build the classifier with its weights on the device."""

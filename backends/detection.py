@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from backends import _torchvision as tv
 from serving import regions
-from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
+from serving.contract import (
+    Backend,
+    Claim,
+    ControlTag,
+    Item,
+    ModelSpec,
+    ObjectTag,
+    Target,
+    TrainingRun,
+    TrainResult,
+)
 
 if TYPE_CHECKING:
     from serving.settings import Settings
@@ -129,6 +139,31 @@ class DetectionBackend(TorchvisionDetectorBase):
     def default_model_for(cls, settings: Settings) -> str:
         """Return DETECTOR when it names one of these detectors, else the family's default."""
         return settings.detector if settings.detector in cls.supported_models else cls.default_model
+
+    # ---- training (backends/_vision_train.py) ----
+    @classmethod
+    def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:
+        """Return None when this detector can be fine-tuned here, else why not (GPU, or TRAIN_ALLOW_CPU)."""
+        from backends import _vision_train
+        from serving.training import training_device
+
+        reason = _vision_train.detector_trainable(spec.name) or cls.availability(spec, settings)
+        if reason:
+            return f"cannot train: {reason}"
+        if not training_device(settings).startswith("cuda") and not settings.train_allow_cpu:
+            return (
+                "detection trains on a GPU: no CUDA device here (set TRAIN_ALLOW_CPU=true to train on the "
+                "CPU anyway; expect hours for a few hundred images)"
+            )
+        return None
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> TrainResult:
+        """Replace the box predictor for the config's labels and fine-tune (early backbone frozen)."""
+        from backends import _vision_train
+
+        backend = cls(run.spec, run.settings)
+        return _vision_train.train_detector(run, backend._user_kwargs)
 
     def postprocess(self, output: Any, target: Target, item: Item) -> list[dict[str, Any]]:
         """Emit one rectangle per detection above the tag's threshold whose label the config accepts."""

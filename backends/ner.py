@@ -1,4 +1,9 @@
-"""Named entity recognition: fill `Labels` on `Text` with entity spans.
+"""Named entity recognition: entity spans on `Text`, `HyperText` (HTML) and `Paragraphs` (dialogues).
+
+Tags filled: `Labels` on `Text`; `HyperTextLabels` (or `Labels`) on `HyperText`; `ParagraphLabels` on
+`Paragraphs` (Label Studio 1.23.2's Paragraphs regions accept no plain `Labels`). Items of all three go
+through one forward: a HyperText page is one text (its visible text, blocks separated by blank lines), a
+dialogue is one text per paragraph; serving/hypertext.py maps spans back to XPaths and offsets.
 
 Two engines, chosen per tag by `model_name` (or `model_path`), else by the NER_ENGINE setting:
 
@@ -15,8 +20,10 @@ A name picks spaCy when it starts with `spacy:`, is an installed-package-style n
 (`xx_...`, lowercase with underscores, no `/`), or is a folder holding a spaCy `config.cfg`;
 anything else (`org/name`, a folder with `config.json`, `transformers:<id>`) is transformers.
 
-Spans are character offsets into the task text (Python code points, which is what Label Studio
-stores), with `text == task_text[start:end]`; labels leave only through the config's label map.
+Text spans are character offsets into the task text (Python code points, which is what Label Studio
+stores), with `text == task_text[start:end]`; HyperText spans are XPath ranges over the document as the
+labeling page shows it; Paragraphs spans are (paragraph index, UTF-16 offsets); labels leave only
+through the config's label map.
 """
 
 from __future__ import annotations
@@ -32,8 +39,19 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends._ner_decode import RawSpan, TagScheme, Window, aggregate, merge_windows
-from serving import regions
-from serving.contract import Backend, Item, ModelSpec, Target, weights_fingerprint
+from serving import hypertext, regions
+from serving.contract import (
+    Backend,
+    Claim,
+    ControlTag,
+    Item,
+    ModelSpec,
+    ObjectTag,
+    Target,
+    TrainingRun,
+    TrainResult,
+    weights_fingerprint,
+)
 from serving.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -54,6 +72,37 @@ _SPACY_NER_FACTORIES = {"ner", "beam_ner", "entity_ruler", "span_ruler", "entity
 # Token budget of one padded model call (rows x padded length); bounds GPU memory per chunk.
 _TOKENS_PER_CHUNK = 32768
 _MAX_ROWS_PER_CHUNK = 512
+# Which control fills entities on which object (what Label Studio's editor can show as span regions).
+_CONTROLS_OF_OBJECT = {
+    "Text": frozenset({"Labels"}),
+    "HyperText": frozenset({"Labels", "HyperTextLabels"}),
+    "Paragraphs": frozenset({"ParagraphLabels"}),
+}
+
+
+class HtmlInput:
+    """A HyperText item ready for the model: the document model and the text the model reads."""
+
+    __slots__ = ("doc",)
+
+    def __init__(self, doc: hypertext.HtmlDocument) -> None:
+        """Hold the parsed document."""
+        self.doc = doc
+
+    @property
+    def texts(self) -> list[str]:
+        """Return the texts to run NER on (one: the visible text)."""
+        return [self.doc.text]
+
+
+class ParagraphsInput:
+    """A Paragraphs item ready for the model: one text per paragraph."""
+
+    __slots__ = ("texts",)
+
+    def __init__(self, texts: list[str]) -> None:
+        """Hold the paragraph texts."""
+        self.texts = texts
 
 
 def _strip_prefix(name: str, prefixes: Sequence[str]) -> str | None:
@@ -153,8 +202,8 @@ class NerBackend(Backend):
     """Entity spans for Labels on Text, from transformers token classification or spaCy."""
 
     family = "ner"
-    control_tags = ("Labels",)
-    object_tags = ("Text",)
+    control_tags = ("Labels", "HyperTextLabels", "ParagraphLabels")
+    object_tags = ("Text", "HyperText", "Paragraphs")
     input_kind = "text"
     max_batch_size = 128
     fp16 = True
@@ -192,6 +241,21 @@ class NerBackend(Backend):
     def accepts_model(cls, name: str) -> bool:
         """Accept any model name: a spaCy package, a Hugging Face id or a local folder."""
         return bool(name.strip())
+
+    @classmethod
+    def supported(cls) -> tuple[str, ...]:
+        """Return the control/object pairs this family fills."""
+        pairs: dict[str, list[str]] = {}
+        for obj_tag, controls in _CONTROLS_OF_OBJECT.items():
+            for control in sorted(controls):
+                pairs.setdefault(control, []).append(obj_tag)
+        return tuple(f"{control} on {', '.join(objs)}" for control, objs in pairs.items())
+
+    @classmethod
+    def claim(cls, obj: ObjectTag, controls: Sequence[ControlTag], settings: Any) -> list[Claim]:
+        """Claim span controls on the objects that can show them (HyperTextLabels only on HyperText...)."""
+        allowed = _CONTROLS_OF_OBJECT.get(obj.tag, frozenset())
+        return super().claim(obj, [c for c in controls if c.tag in allowed], settings)
 
     @classmethod
     def default_model_for(cls, settings: Any) -> str:
@@ -258,6 +322,32 @@ class NerBackend(Backend):
             f"image does it at build time), or set model_path to a save_pretrained() folder, or use "
             f'the offline spaCy engine (NER_ENGINE=spacy or model_name="{SPACY_DEFAULT}")'
         )
+
+    # ---- training (backends/_ner_train.py) ----
+    @classmethod
+    def trainable(cls, spec: ModelSpec, settings: Any) -> str | None:
+        """Return None when this NER model can be fine-tuned here (its weights present), else why not."""
+        reason = cls.availability(spec, settings)
+        if reason:
+            return f"cannot train: {reason}"
+        engine, _ = engine_of(spec.name, spec.path)
+        if engine == "transformers" and importlib.util.find_spec("torch") is None:
+            return "cannot train: torch is not installed"
+        return None
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> TrainResult:
+        """Fine-tune on the project's spans for the config's labels (spaCy ner update, or a new BIO head)."""
+        from backends import _ner_train
+
+        engine, source = engine_of(run.spec.name, run.spec.path)
+        if engine == "spacy":
+            package = spacy_package(source)
+            if package is None:
+                raise RuntimeError(cls.availability(run.spec, run.settings) or f"no spaCy pipeline {source}")
+            return _ner_train.train_spacy(cls, run, package)
+        folder = _local_hf_folder(source, str(getattr(run.settings, "model_dir", "") or ""))
+        return _ner_train.train_transformers(cls, run, str(folder) if folder is not None else source)
 
     # ---- runtime ----
     def __init__(self, spec: ModelSpec, settings: Any) -> None:
@@ -363,18 +453,67 @@ class NerBackend(Backend):
             return tuple(dict.fromkeys(labels))
         return ()
 
-    def preprocess(self, item: Item) -> str:
-        """Return the task text."""
+    def preprocess(self, item: Item) -> Any:
+        """Return the task text (Text), the parsed document (HyperText) or the paragraph texts (Paragraphs)."""
+        obj = item.obj
+        if obj.tag == "Paragraphs":
+            text_key = _attr(obj.attrs, "textKey") or "text"
+            try:
+                texts = hypertext.paragraph_texts(item.value, text_key)
+            except ValueError as exc:
+                raise InputError(f'<Paragraphs name="{obj.name}">: {exc}') from None
+            if texts and not any(text_key in p for p in item.value):
+                raise InputError(
+                    f'no paragraph has the key "{text_key}" (<Paragraphs textKey>): keys are '
+                    f"{', '.join(sorted({str(k) for p in item.value for k in p})[:10])}"
+                )
+            return ParagraphsInput(texts)
         if item.text is None:
-            raise InputError(f'task has no text for <{item.obj.tag} name="{item.obj.name}">')
+            raise InputError(f'task has no text for <{obj.tag} name="{obj.name}">')
+        if obj.tag == "HyperText":
+            inline, encoding, _ = hypertext.object_options(obj.attrs)
+            try:
+                html = hypertext.decode_value(item.text, encoding)
+            except ValueError as exc:
+                raise InputError(
+                    f'<HyperText encoding="{encoding}"> cannot decode the value: {exc}'
+                ) from None
+            doc = hypertext.parse_html(html, inline)
+            if not doc.text.strip():
+                log.info(
+                    'task %s: <HyperText name="%s"> has no visible text (empty, or only scripts, styles or '
+                    "hidden elements): nothing to label",
+                    item.task_id,
+                    obj.name,
+                )
+            return HtmlInput(doc)
         return item.text
 
     def forward(self, batch: list[Any]) -> list[Any]:
-        """Return the raw entity spans of each text (CPU lists of RawSpan)."""
-        texts = [str(t) for t in batch]
-        if self.engine == "spacy":
-            return self._forward_spacy(texts)
-        return self._forward_transformers(texts)
+        """Return the raw entity spans of each input: one engine call over every text of the batch.
+
+        A plain text gives a list of RawSpan; a HyperText page (HtmlInput) gives (document, spans of its
+        visible text); a dialogue (ParagraphsInput) gives (texts, spans of each paragraph).
+        """
+        texts = [
+            text
+            for x in batch
+            for text in (x.texts if isinstance(x, HtmlInput | ParagraphsInput) else [str(x)])
+            if text.strip()  # nothing to find in white space: not sent to the engine
+        ]
+        found = self._forward_spacy(texts) if self.engine == "spacy" else self._forward_transformers(texts)
+        spans_of = iter(found)
+        out: list[Any] = []
+        for x in batch:
+            pieces = x.texts if isinstance(x, HtmlInput | ParagraphsInput) else [str(x)]
+            spans = [next(spans_of) if p.strip() else [] for p in pieces]
+            if isinstance(x, HtmlInput):
+                out.append((x.doc, spans[0]))
+            elif isinstance(x, ParagraphsInput):
+                out.append((x.texts, spans))
+            else:
+                out.append(spans[0])
+        return out
 
     def _forward_spacy(self, texts: list[str]) -> list[list[RawSpan]]:
         out = []
@@ -444,25 +583,60 @@ class NerBackend(Backend):
         return out
 
     def postprocess(self, output: Any, target: Target, item: Item) -> list[dict[str, Any]]:
-        """Turn raw spans into Labels items mapped to the config; unmapped types are not emitted."""
+        """Turn raw spans into span items mapped to the config; unmapped types are not emitted."""
+        if item.obj.tag == "HyperText":
+            doc, spans = output
+            items = []
+            for start, end, mapped, score in self._accepted(spans, target, len(doc.text)):
+                rng = doc.span(start, end)
+                if rng is None:  # across a block boundary, or white space only
+                    log.debug(
+                        "task %s: span [%d, %d) crosses a block boundary; dropped", item.task_id, start, end
+                    )
+                    continue
+                items.append(regions.hypertext_span_item(target, rng, mapped, score))
+            return items
+        if item.obj.tag == "Paragraphs":
+            texts, per_paragraph = output
+            items = []
+            for index, (text, spans) in enumerate(zip(texts, per_paragraph, strict=True)):
+                for start, end, mapped, score in self._accepted(spans, target, len(text)):
+                    items.append(regions.paragraph_span_item(target, index, text, start, end, mapped, score))
+            return items
         text = item.text or ""
-        items = []
-        for span in output:
+        return [
+            regions.span_item(target, start, end, text[start:end], mapped, score)
+            for start, end, mapped, score in self._accepted(output, target, len(text))
+        ]
+
+    @staticmethod
+    def _accepted(spans: Sequence[Any], target: Target, size: int) -> list[tuple[int, int, str, float]]:
+        """Return (start, end, config label, score) of the spans the config keeps, clipped to the text."""
+        out = []
+        for span in spans:
             start, end, label, score = span
             mapped = target.label_map(str(label))
             if mapped is None or score < target.threshold:
                 continue
-            start, end = max(0, int(start)), min(len(text), int(end))
-            if end <= start:
-                continue
-            items.append(regions.span_item(target, start, end, text[start:end], mapped, float(score)))
-        return items
+            start, end = max(0, int(start)), min(size, int(end))
+            if end > start:
+                out.append((start, end, mapped, float(score)))
+        return out
 
     def interactive(
         self, item: Item, targets: Sequence[Target], context: Mapping[str, Any]
     ) -> list[dict[str, Any]] | None:
         """Answer an interactive call like a normal one (NER takes no clicks)."""
         return None
+
+
+def _attr(attrs: Mapping[str, Any], key: str) -> str:
+    """Return a tag attribute, looked up case-insensitively."""
+    lowered = key.lower()
+    for name, value in attrs.items():
+        if str(name).lower() == lowered:
+            return str(value)
+    return ""
 
 
 def _spacy_data_dir(package: str) -> Path | None:

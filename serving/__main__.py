@@ -1,4 +1,4 @@
-"""`python -m serving ...`: the command line (predict, validate, weights), started from model.py."""
+"""`python -m serving ...`: the command line (predict, validate, train, weights), started from model.py."""
 
 import sys
 

@@ -190,18 +190,21 @@ def create_app(
         if settings.webhook_secret and not hmac.compare_digest(
             request.args.get("secret", "").encode(), settings.webhook_secret.encode()
         ):
-            raise Unauthorized(
-                "webhook secret missing or wrong: add ?secret=<WEBHOOK_SECRET> to the webhook URL"
-            )
+            # Label Studio's own START_TRAINING goes to <model URL>/webhook (a query string in the
+            # model URL is dropped) with the model's basic auth: that credential is accepted instead.
+            if not (settings.basic_auth_user and request.authorization is not None):
+                raise Unauthorized(
+                    "webhook secret missing or wrong: add ?secret=<WEBHOOK_SECRET> to the webhook URL"
+                )
+            _check_basic_auth(settings)
         body = _json_body()
         action = body.get("action")
         if not isinstance(action, str):
             raise BadRequest("webhook body has no 'action'")
-        if action in {"START_TRAINING"}:
-            model.fit(action, body)
-        else:
-            log.debug("webhook %s acknowledged", action)
-        return jsonify({"status": "ok", "action": action}), 201
+        # Records a training request at most (the trainer process trains): answers in milliseconds.
+        result = model.fit(action, body)
+        log.debug("webhook %s: %s", action, result)
+        return jsonify({**result, "status": "ok", "action": action}), 201
 
     @app.post("/train")
     def train() -> tuple[Response, int]:
@@ -209,9 +212,34 @@ def create_app(
         result = model.fit("START_TRAINING", body)
         return jsonify(result), 201
 
+    def _project_arg() -> Any:
+        project = request.args.get("project")
+        if project is None and request.content_length:
+            body = request.get_json(silent=True)
+            project = body.get("project") if isinstance(body, dict) else None
+        return project
+
     @app.get("/versions")
     def versions() -> Response:
+        project = _project_arg()
+        if project is not None and project != "":
+            return jsonify(model.project_versions(project))
         return jsonify({"versions": model.versions()})
+
+    @app.post("/versions/<version>/activate")
+    def activate(version: str) -> Response:
+        project = _project_arg()
+        if project is None or project == "":
+            raise BadRequest('say which project: {"project": <id>} (or ?project=<id>)')
+        return jsonify(model.activate(version, project))
+
+    @app.post("/job_status")
+    def job_status() -> Response:
+        body = _json_body()
+        job = body.get("job")
+        if not isinstance(job, str):
+            raise BadRequest("'job' (a training job id) is missing")
+        return jsonify(model.job_status(job))
 
     @app.get("/metrics")
     def metrics_route() -> Response:
@@ -236,6 +264,7 @@ def create_app(
             inner = runtime.resolver
             runtime.set_resolver(LocalFileResolver([settings.batch_input_root], lambda: inner, settings))
         manager = JobManager(settings, runtime.predict, chunk_size=settings.job_chunk_size)
+        manager.sources.append(model.training_jobs)  # GET /jobs/{id} shows training jobs too
         app.extensions["lsml_jobs"] = manager
         register_job_routes(app, manager)
 
@@ -252,4 +281,5 @@ def shutdown(app: Flask, timeout: float = 20.0) -> None:
         manager.close(timeout)
     model = app.extensions.get("lsml_model")
     if model is not None:
+        model.close(max(0.0, deadline - time.monotonic()) / 2)
         model.runtime.close(max(0.0, deadline - time.monotonic()))

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
     from serving.settings import Settings
@@ -60,6 +61,9 @@ class ModelSpec:
     family: str
     name: str
     path: str = ""
+    # Set on a model trained on a project's annotations: its version id (path is then its folder
+    # under MODEL_DIR/versions); model_version names it by this, not by where MODEL_DIR is mounted.
+    trained: str = field(default="", compare=False)
 
     @property
     def key(self) -> str:
@@ -145,6 +149,8 @@ class Item:
     obj: ObjectTag
     image: Image.Image | None = None
     text: str | None = None
+    # Structured task data for objects that are not a string (Paragraphs: the list of paragraph objects).
+    value: Any = None
     context: Mapping[str, Any] | None = None
     # Set when the image was decoded smaller than it is (see Backend.input_scale): the size LS shows.
     original_size: tuple[int, int] | None = None
@@ -223,6 +229,107 @@ def weights_fingerprint(path: str | Path) -> str:
     return result
 
 
+# ---- training (optional per family: see Backend.trainable / Backend.train) ----
+
+
+@dataclass(frozen=True)
+class BoxPct:
+    """A rectangle as Label Studio stores it: percent of the shown image, rotated clockwise about (x, y)."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One annotated task for one control tag: what a family's train() learns from.
+
+    Labels are the config's own (already checked against it); spans are code-point offsets into
+    `text` with `text[start:end]` the annotated text; boxes stay in Label Studio's percent form
+    until TrainingRun.load_image() turns them into pixels of the image as shown (EXIF applied).
+    """
+
+    task_id: Any
+    control: str  # the control tag (from_name)
+    obj: str  # the object tag (to_name)
+    text: str | None = None
+    image: str | None = None  # the task's data value for the image (URL or path), resolved on demand
+    spans: tuple[tuple[int, int, str], ...] = ()
+    boxes: tuple[BoxPct, ...] = ()
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What train() made: model_path relative to run.output_dir ("" = the folder itself), metrics."""
+
+    model_path: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TrainCancelled(Exception):
+    """Raised by TrainingRun.progress() when the job was cancelled or the trainer is stopping."""
+
+
+class TrainingRun(ABC):
+    """One training job as a family sees it (serving/training.py implements it).
+
+    The family trains `spec` (the pretrained model of the config) on `examples` for the config's
+    `labels`, writes the result into `output_dir`, reports progress (which raises TrainCancelled when
+    it must stop: a cancel, or the trainer shutting down), and saves a checkpoint after every epoch
+    so that a killed trainer resumes at `start_epoch` from `checkpoint`.
+    """
+
+    spec: ModelSpec
+    settings: Settings
+    targets: tuple[Target, ...]
+    labels: tuple[str, ...]
+    examples: Sequence[Example]
+    output_dir: Path
+    device: str
+    epochs: int  # the TRAIN_EPOCHS setting, 0 = the family's default
+    start_epoch: int  # 1 on a fresh job; n + 1 after a checkpoint of epoch n
+    checkpoint: Path | None  # the folder saved for epoch start_epoch - 1, None on a fresh job
+
+    def epochs_or(self, default: int) -> int:
+        """Return the number of epochs to train: the setting, else the family's default."""
+        return self.epochs if self.epochs > 0 else default
+
+    def learning_rate_or(self, default: float) -> float:
+        """Return the learning rate: TRAIN_LEARNING_RATE when set, else the family's default."""
+        value = float(getattr(self.settings, "train_learning_rate", 0.0) or 0.0)
+        return value if value > 0 else default
+
+    @abstractmethod
+    def progress(
+        self,
+        epoch: int,
+        step: int,
+        loss: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        epochs: int | None = None,
+        steps: int | None = None,
+    ) -> None:
+        """Record progress within an epoch (of `epochs`, step of `steps`); raise TrainCancelled to stop now."""
+
+    @abstractmethod
+    def end_epoch(self, epoch: int, loss: float, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record an epoch's mean loss and metrics (kept per epoch); raise TrainCancelled to stop now."""
+
+    @abstractmethod
+    def save_checkpoint(self, epoch: int, write: Callable[[Path], None]) -> None:
+        """Save the state after `epoch`: write(folder) fills a fresh folder, committed atomically."""
+
+    @abstractmethod
+    def load_image(self, example: Example) -> tuple[Image.Image, np.ndarray, list[str]]:
+        """Return the example's image as shown (RGB, EXIF applied), its boxes (N, 4) xyxy px, and labels."""
+
+
 class Backend(ABC):
     """One model family. Subclass in backends/<family>.py; backends.registry() discovers it."""
 
@@ -284,6 +391,11 @@ class Backend(ABC):
         return claims
 
     @classmethod
+    def supported(cls) -> tuple[str, ...]:
+        """Return what this family fills, as "Control on Object, ..." phrases (for error messages)."""
+        return tuple(f"{tag} on {', '.join(cls.object_tags)}" for tag in cls.control_tags)
+
+    @classmethod
     def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
         """Return None when the model can load, else why not and how to fix it (cheap check)."""
         return None
@@ -340,3 +452,19 @@ class Backend(ABC):
     ) -> list[dict[str, Any]] | None:
         """Answer an interactive call (params.context); None means use the normal path."""
         return None
+
+    # ---- training (optional: families that learn from annotations override both) ----
+    @classmethod
+    def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:
+        """Return None when this model can be fine-tuned here, else why not (cheap, nothing loads)."""
+        return f"the {cls.family} family is not trained on annotations"
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> TrainResult:
+        """Fine-tune run.spec on run.examples for run.labels; write the model into run.output_dir.
+
+        Runs in the trainer process (never in a request thread), one job at a time per device.
+        The result is served as ModelSpec(family, spec.name, path=<version folder>/model/<model_path>),
+        so availability(), load() and version_of() must accept it like a user checkpoint.
+        """
+        raise NotImplementedError(cls.trainable(run.spec, run.settings) or f"{cls.family} cannot train")

@@ -62,6 +62,13 @@ class ModelUnavailable(ServingError):
     code = "model_unavailable"
 
 
+class TrainingUnavailable(ServingError):
+    """Training was asked for but cannot run (nothing trainable, no Label Studio connection...)."""
+
+    status = 422
+    code = "training_unavailable"
+
+
 class Overloaded(ServingError):
     """The batch queue is full; the client should retry after a short wait."""
 

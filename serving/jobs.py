@@ -815,6 +815,9 @@ class JobManager:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._autostart = autostart
+        # Other kinds of job shown under /jobs (training): each has status(id) -> dict | None,
+        # list() -> [dict] and cancel(id) -> dict | None.
+        self.sources: list[Any] = []
         if autostart and self.root.is_dir():
             self.start()
 
@@ -960,8 +963,20 @@ class JobManager:
             out.append(_output_task(json.dumps(task), json.dumps(pred) if pred is not None else None, err))
         return out
 
+    def _other(self, job_id: str, action: str) -> dict[str, Any] | None:
+        """Return what another job source answers for a job id that is not a batch job, or None."""
+        if not self.db_path(job_id).exists():
+            for source in self.sources:
+                found: dict[str, Any] | None = getattr(source, action)(job_id)
+                if found is not None:
+                    return found
+        return None
+
     def status(self, job_id: str) -> dict[str, Any]:
-        """Return a job's status."""
+        """Return a job's status (a batch job, or a job of another source such as training)."""
+        other = self._other(job_id, "status")
+        if other is not None:
+            return other
         store = self._open(job_id)
         try:
             return job_status(store)
@@ -978,10 +993,15 @@ class JobManager:
                         s = self.status(entry.name)
                         s.pop("failures", None)
                         out.append(s)
+        for source in self.sources:
+            out.extend(source.list())
         return out
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued or running job (it stops after the current chunk); delete a finished one."""
+        other = self._other(job_id, "cancel")
+        if other is not None:
+            return other
         path = self.db_path(job_id)
         store = self._open(job_id)
         try:

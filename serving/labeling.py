@@ -7,7 +7,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from serving.contract import Backend, ControlTag, LabelMap, ModelSpec, ObjectTag, Target
 from serving.errors import ConfigError
@@ -38,6 +38,19 @@ class Plan:
         for target in self.targets:
             seen.setdefault(target.model.key, target.model)
         return tuple(seen.values())
+
+    def with_models(self, models: Mapping[str, ModelSpec]) -> Plan:
+        """Return this plan with the models keyed by their current key replaced (trained versions)."""
+        if not any(t.model.key in models for t in self.targets):
+            return self
+        targets = tuple(
+            replace(t, model=models[t.model.key]) if t.model.key in models else t for t in self.targets
+        )
+        return replace(self, targets=targets)
+
+    def targets_of(self, key: str) -> tuple[Target, ...]:
+        """Return the targets a model (by key) fills."""
+        return tuple(t for t in self.targets if t.model.key == key)
 
     def groups(self) -> list[tuple[ModelSpec, ObjectTag, list[Target]]]:
         """Return targets grouped by (model, object): one inference feeds every target of a group."""
@@ -171,9 +184,7 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         families=families,
     )
     if not plan.targets:
-        supported = sorted(
-            {f"{t} on {', '.join(cls.object_tags)}" for cls in families.values() for t in cls.control_tags}
-        )
+        supported = sorted({phrase for cls in families.values() for phrase in cls.supported()})
         found = ", ".join(f'<{c.tag} name="{c.name}">' for c in controls) or "no control tags"
         raise ConfigError(
             f"this server cannot fill any control tag of the labeling config (found {found}); "

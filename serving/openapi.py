@@ -173,7 +173,8 @@ def spec() -> dict[str, Any]:
             },
             "/webhook": {
                 "post": {
-                    "summary": "Label Studio events (acknowledged; ?secret= when WEBHOOK_SECRET is set)",
+                    "summary": "Label Studio events: START_TRAINING and TRAIN_EVENTS queue (or join) a training "
+                    "job and answer its id as `job`; others are acknowledged (?secret= when WEBHOOK_SECRET is set)",
                     "security": [],
                     "requestBody": _json_body(
                         {
@@ -183,20 +184,25 @@ def spec() -> dict[str, Any]:
                         }
                     ),
                     "responses": _responses(
-                        _json_ok({"type": "object"}, "Acknowledged"), 400, 401, 413, ok_status="201"
+                        _json_ok({"type": "object"}, "Acknowledged"), 400, 401, 413, 422, ok_status="201"
                     ),
                 }
             },
             "/train": {
                 "post": {
-                    "summary": "Legacy training call (acknowledged; pretrained models do not train)",
+                    "summary": "Legacy training call with the annotated tasks inline: queues a training job",
                     "requestBody": _json_body({"type": "object"}),
-                    "responses": _responses(_json_ok({"type": "object"}), 400, 401, 413, ok_status="201"),
+                    "responses": _responses(
+                        _json_ok({"type": "object"}), 400, 401, 413, 422, ok_status="201"
+                    ),
                 }
             },
             "/versions": {
                 "get": {
-                    "summary": "Model versions served by this process",
+                    "summary": "Model versions this server serves; with ?project=<id> that project's versions",
+                    "parameters": [
+                        {"name": "project", "in": "query", "required": False, "schema": {"type": "string"}}
+                    ],
                     "responses": _responses(
                         _json_ok(
                             {
@@ -204,8 +210,32 @@ def spec() -> dict[str, Any]:
                                 "properties": {"versions": {"type": "array", "items": {"type": "string"}}},
                             }
                         ),
+                        400,
                         401,
                     ),
+                }
+            },
+            "/versions/{version}/activate": {
+                "post": {
+                    "summary": "Point a project at one of its trained versions, or 'base' (rollback)",
+                    "parameters": [
+                        {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "project", "in": "query", "required": False, "schema": {"type": "string"}},
+                    ],
+                    "requestBody": _json_body(
+                        {"type": "object", "properties": {"project": {"type": ["string", "integer"]}}},
+                        required=False,
+                    ),
+                    "responses": _responses(_json_ok({"type": "object"}), 400, 401, 404),
+                }
+            },
+            "/job_status": {
+                "post": {
+                    "summary": "A training job's state in Label Studio's form ({job_status: ...})",
+                    "requestBody": _json_body(
+                        {"type": "object", "required": ["job"], "properties": {"job": {"type": "string"}}}
+                    ),
+                    "responses": _responses(_json_ok({"type": "object"}), 400, 401, 404, 413),
                 }
             },
             "/metrics": {

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from serving.contract import Target
+    from serving.hypertext import HtmlRange
 
 # Control tags whose value carries the label list under the lower-cased tag name.
 LABELED_GEOMETRY = {
@@ -52,6 +53,39 @@ def box_xyxy_px_to_pct(box_xyxy_px: Sequence[float], size: tuple[int, int]) -> d
         "width": clamp_pct(max(0.0, x1 - x0) / width_px * 100.0),
         "height": clamp_pct(max(0.0, y1 - y0) / height_px * 100.0),
     }
+
+
+def box_pct_to_xyxy_px(
+    x: float, y: float, width: float, height: float, rotation: float, size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Return the pixel box (x0, y0, x1, y1) around a Label Studio rectangle, clipped to the image.
+
+    The inverse of rectangle_items for training data: percent of the image as shown (EXIF applied,
+    `size` its width and height), rotated `rotation` degrees clockwise about its top-left corner
+    (x, y) in pixel space; a rotated rectangle becomes the axis-aligned box around its 4 corners.
+    """
+    width_px, height_px = size
+    x0 = float(x) / 100.0 * width_px
+    y0 = float(y) / 100.0 * height_px
+    w = float(width) / 100.0 * width_px
+    h = float(height) / 100.0 * height_px
+    angle = math.radians(float(rotation or 0.0) % 360.0)
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    if angle == 0.0:
+        xs, ys = (x0, x0 + w), (y0, y0 + h)
+    else:
+        cos, sin = math.cos(angle), math.sin(angle)
+        # corners of the unrotated box relative to (x0, y0), rotated clockwise (y points down)
+        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+        xs = tuple(x0 + cx * cos - cy * sin for cx, cy in corners)
+        ys = tuple(y0 + cx * sin + cy * cos for cx, cy in corners)
+    return (
+        min(max(min(xs), 0.0), float(width_px)),
+        min(max(min(ys), 0.0), float(height_px)),
+        min(max(max(xs), 0.0), float(width_px)),
+        min(max(max(ys), 0.0), float(height_px)),
+    )
 
 
 def points_px_to_pct(points_px: Iterable[Sequence[float]], size: tuple[int, int]) -> list[list[float]]:
@@ -250,6 +284,47 @@ def span_item(
 ) -> dict[str, Any]:
     """Build a text span item (character offsets into the task text)."""
     value = {"start": int(start), "end": int(end), "text": text, target.control.tag.lower(): [label]}
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
+
+
+def hypertext_span_item(
+    target: Target, span: HtmlRange, label: str, score: float, region_id: str | None = None
+) -> dict[str, Any]:
+    """Build a HyperText span item: start/end XPaths, UTF-16 offsets in those nodes, globalOffsets, text."""
+    value = span.value()
+    value[target.control.tag.lower()] = [label]
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
+
+
+def paragraph_span_item(
+    target: Target,
+    paragraph: int,
+    paragraph_text: str,
+    start: int,
+    end: int,
+    label: str,
+    score: float,
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a Paragraphs span item inside one paragraph (start/end are code point offsets into its text).
+
+    Label Studio addresses it by paragraph index as a string ("2"), as its editor stores it, and offsets
+    in UTF-16 code units inside the paragraph's text.
+    """
+    from serving.hypertext import utf16_offset
+
+    value = {
+        "start": str(int(paragraph)),
+        "end": str(int(paragraph)),
+        "startOffset": utf16_offset(paragraph_text, start),
+        "endOffset": utf16_offset(paragraph_text, end),
+        "text": paragraph_text[start:end],
+        target.control.tag.lower(): [label],
+    }
     return _base_item(
         target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ class Resolver(Protocol):
 
     def load_image(self, value: str, task_id: int | None = None, shrink: Shrink | None = None) -> Any: ...
 
-    def load_text(self, value: str, task_id: int | None = None) -> str: ...
+    def load_text(self, value: str, task_id: int | None = None, *, as_url: bool | None = None) -> str: ...
 
 
 @dataclass
@@ -214,6 +215,27 @@ class Runtime:
 
         return run
 
+    def release(self, spec: ModelSpec, grace_s: float | None = None) -> None:
+        """Forget a model no plan uses any more (a replaced trained version); free it after `grace_s`.
+
+        Requests that already hold its slot finish on it: its thread stops only after the grace period
+        (the prediction deadline by default) and after the items queued by then.
+        """
+        with self._lock:
+            slot = self._slots.pop(spec.key, None)
+        if slot is None:
+            return
+        delay = self.settings.predict_timeout_s + 5.0 if grace_s is None else grace_s
+
+        def close() -> None:
+            if slot.batcher is not None:
+                slot.batcher.close()
+            log.info("model %s released", spec.key)
+
+        timer = threading.Timer(delay, close)
+        timer.daemon = True
+        timer.start()
+
     def warmup(self, keys: Sequence[str] | None = None) -> None:
         """Start loading models named "family:name[@path]" (non-blocking)."""
         for key in keys if keys is not None else self.settings.warmup:
@@ -263,14 +285,7 @@ class Runtime:
         so every worker, a restarted server and a model still loading give the same string, and it
         changes only when a model or its weights change (MODEL_VERSION overrides it).
         """
-        if self.settings.model_version:
-            return self.settings.model_version
-        parts = sorted(
-            f"{spec.key}={self.family(spec).version_of(spec, self.settings)}" for spec in plan.specs
-        )
-        digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
-        families = "+".join(sorted({spec.family for spec in plan.specs}))
-        return f"{families}-{digest}"
+        return plan_version(plan, self.families, self.settings)
 
     # ---- prediction ----
     def _prepare(
@@ -303,11 +318,33 @@ class Runtime:
                 )
             item.image = self.resolver.load_image(value, task_id, shrink=backend.input_scale)
             item.original_size = item.image.info.get(ORIGINAL_SIZE)
+        elif kind == "text" and obj.tag == "Paragraphs":
+            item.value = self._paragraphs(value, obj, task_id)
         elif kind == "text":
             if not isinstance(value, str):
                 raise InputError(f"data['{obj.value_key}'] must be text or a URL, got {type(value).__name__}")
-            item.text = self.resolver.load_text(value, task_id)
+            if obj.tag == "HyperText":
+                # the editor fetches the value only with valueType="url"; otherwise it shows it as HTML
+                as_url = _attr(obj, "valueType").lower() == "url"
+                item.text = self.resolver.load_text(value, task_id, as_url=as_url)
+            else:
+                item.text = self.resolver.load_text(value, task_id)
         return item, backend.preprocess(item)
+
+    def _paragraphs(self, value: Any, obj: ObjectTag, task_id: int | None) -> list[Any]:
+        """Return a Paragraphs value: the list in the task, or the JSON list its URL serves (valueType="url")."""
+        if isinstance(value, str) and _attr(obj, "valueType").lower() == "url":
+            raw = self.resolver.load_text(value, task_id, as_url=True)
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                raise InputError(f"the Paragraphs URL did not return JSON: {exc}") from None
+        if not isinstance(value, list):
+            raise InputError(
+                f"data['{obj.value_key}'] must be a list of paragraph objects for <Paragraphs>, "
+                f"got {type(value).__name__}"
+            )
+        return value
 
     def predict(
         self,
@@ -316,8 +353,9 @@ class Runtime:
         context: Mapping[str, Any] | None = None,
         failures: list[TaskFailure] | None = None,
         timeout_s: float | None = None,
+        plan: Plan | None = None,
     ) -> list[dict[str, Any]]:
-        """Return exactly one entry per task, in task order.
+        """Return exactly one entry per task, in task order (`plan`: the config's, with a project's trained models).
 
         A task the models ran on gets {"result": [...], "score", "model_version"} (an empty result
         when they found nothing). A task that failed (model loading, deadline, download, bad input)
@@ -326,7 +364,7 @@ class Runtime:
         prediction of the current version for good. Interactive calls are never stored, so their
         failures answer an empty result (with the error) that the labeling page can show as nothing.
         """
-        plan = self.plan(label_config)
+        plan = plan or self.plan(label_config)
         version = self.model_version(plan)
         timeout = self.settings.predict_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
@@ -504,6 +542,39 @@ class Runtime:
             batcher.close(max(0.0, deadline - time.monotonic()))
             if batcher.alive:
                 log.warning("model thread %s still running after %.0f s at close", batcher.name, timeout)
+
+
+def _attr(obj: ObjectTag, key: str) -> str:
+    """Return an object tag attribute, looked up case-insensitively."""
+    lowered = key.lower()
+    for name, value in obj.attrs.items():
+        if str(name).lower() == lowered:
+            return str(value)
+    return ""
+
+
+def plan_version(plan: Plan, families: Mapping[str, type[Backend]], settings: Settings) -> str:
+    """Return the model_version of a plan (see Runtime.model_version); the trainer uses it too.
+
+    A trained model (spec.trained) is named by its family, name and weights, not by the folder it
+    lives in, so replicas mounting MODEL_DIR elsewhere agree; its versions read "<families>-trained-<hash>"
+    and are never replaced by the MODEL_VERSION override (Label Studio must see the change).
+    """
+    trained = any(spec.trained for spec in plan.specs)
+    if settings.model_version and not trained:
+        return settings.model_version
+    parts = sorted(
+        f"{_identity(spec)}={families[spec.family].version_of(spec, settings)}" for spec in plan.specs
+    )
+    digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
+    names = "+".join(sorted({spec.family for spec in plan.specs}))
+    if trained:
+        return f"{settings.model_version or names}-trained-{digest}"
+    return f"{names}-{digest}"
+
+
+def _identity(spec: ModelSpec) -> str:
+    return f"{spec.family}:{spec.name}+trained" if spec.trained else spec.key
 
 
 def _preimport() -> None:

@@ -74,6 +74,22 @@ class Settings:
     # Batch jobs: server-side inputs must live under this root.
     batch_input_root: str = ""
     job_chunk_size: int = 32  # tasks per committed chunk of a batch job
+    # Training on the project's annotations (serving/training.py, serving/trainer.py).
+    training: bool = True  # False: /webhook only acknowledges events, as before training existed
+    # Webhook actions that ask for a training job (coalesced per project and model). Label Studio
+    # sends START_TRAINING for "Start Training" and, when the project trains on submission, on each
+    # save; it sends every other project event too (it registers /webhook when the model connects),
+    # so ANNOTATION_CREATED etc. train only when listed here.
+    train_events: tuple[str, ...] = ("START_TRAINING",)
+    # A queued job starts this long after the last request that joined it (a burst of saves is one job).
+    train_debounce_s: float = 5.0
+    train_min_examples: int = 10  # fewer annotated tasks: the job ends "skipped", no new version
+    train_epochs: int = 0  # 0 = the family's own default
+    train_learning_rate: float = 0.0  # 0 = the family's own default (transformers 5e-5, torchvision 0.005)
+    train_keep_versions: int = 5  # trained versions kept per project and model (the active one always)
+    train_device: str = ""  # "" = DEVICE, else cuda when available, else cpu
+    train_allow_cpu: bool = False  # detection trains on CPU only when true (slow)
+    train_idle_s: float = 60.0  # the trainer process exits after this long without a queued job
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property

@@ -18,7 +18,7 @@ schema = schemathesis.openapi.from_wsgi("/openapi.json", APP)
 def test_openapi_documents_every_route() -> None:
     documented = set(APP.test_client().get("/openapi.json").json["paths"])
     routed = {
-        rule.rule.replace("<job_id>", "{job_id}")
+        rule.rule.replace("<job_id>", "{job_id}").replace("<version>", "{version}")
         for rule in APP.url_map.iter_rules()
         if rule.endpoint != "static"
     }

@@ -102,6 +102,23 @@ def text_box_pct(text: str, size: tuple[int, int] = (480, 160), pad_px: int = 12
     }
 
 
+def drawn_rectangle(
+    region_id: str, box_pct: dict[str, float], size: tuple[int, int] = (480, 160)
+) -> dict[str, Any]:
+    """Return the OCR project's rectangle as the labeling page sends it when an annotator draws one."""
+    return {
+        "id": region_id,
+        "from_name": "bbox",
+        "to_name": "image",
+        "type": "rectangle",
+        "origin": "manual",
+        "original_width": size[0],
+        "original_height": size[1],
+        "image_rotation": 0,
+        "value": box_pct,
+    }
+
+
 @dataclass
 class Project:
     """A Label Studio project connected to our server, with its task ids."""

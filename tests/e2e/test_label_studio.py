@@ -18,6 +18,7 @@ from tests.e2e.conftest import (
     RATING_CONFIG,
     Project,
     connect,
+    drawn_rectangle,
     start_ml_server,
     text_box_pct,
     text_image,
@@ -187,17 +188,7 @@ def test_ocr_interactive_region_gets_its_text(
     (task_id,) = ocr_project.task_ids[:1]
     before = len(label_studio.predictions(task_id))
     box = text_box_pct("HELLO")
-    drawn = {
-        "id": "drawn01",
-        "from_name": "bbox",
-        "to_name": "image",
-        "type": "rectangle",
-        "origin": "manual",
-        "original_width": 480,
-        "original_height": 160,
-        "image_rotation": 0,
-        "value": box,
-    }
+    drawn = drawn_rectangle("drawn01", box)
     answer = label_studio.interactive(ocr_project.ml_id, task_id, [drawn])
     assert "errors" not in answer, answer
     result = answer["data"]["result"]

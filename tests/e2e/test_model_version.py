@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.conftest import NER_CONFIG, OCR_CONFIG, text_image
+from tests.e2e.conftest import NER_CONFIG, OCR_CONFIG, drawn_rectangle, text_image
 from tests.e2e.ls_harness import LabelStudio, MLServer, wait_until
 from tests.support.httpserver import LocalServer, static
 
@@ -122,6 +122,13 @@ def test_a_task_whose_image_cannot_be_fetched_is_predicted_once_it_can(
     label_studio.retrieve_predictions(project)
     assert [len(label_studio.predictions(i)) for i in ok] == [1, 1]
     assert label_studio.predictions(late) == []
+    # Opening it (the single-task path) opens fine and stores nothing either.
+    assert label_studio.task(late)["id"] == late
+    assert label_studio.predictions(late) == []
+    # An interactive call on it answers an empty result with the reason (never stored by Label Studio).
+    drawn = drawn_rectangle("drawn02", {"x": 10, "y": 10, "width": 50, "height": 50, "rotation": 0})
+    answer = label_studio.interactive(ml_id, late, [drawn])["data"]
+    assert answer["result"] == [] and "404" in answer["error"], answer
 
     image_host.routes["/late.png"] = static(text_image("AGAIN"), "image/png")  # the image is back
     label_studio.retrieve_predictions(project)

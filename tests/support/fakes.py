@@ -18,9 +18,13 @@ from serving.settings import Settings
 class FakeResolver:
     """Inline text; images are blank RGB images whose size is read from 'WxH' in the URL."""
 
-    def __init__(self, default_size: tuple[int, int] = (640, 480)) -> None:
+    def __init__(
+        self, default_size: tuple[int, int] = (640, 480), documents: Mapping[str, str] | None = None
+    ) -> None:
         self.default_size = default_size
         self.calls: list[str] = []
+        # URL -> body served when a value is fetched (as_url=True), like an HTTP server would
+        self.documents = dict(documents or {})
 
     def load_image(self, value: str, task_id: int | None = None, shrink: Any = None) -> Image.Image:
         """Return a blank image; 'missing' in the URL raises InputError like a 404 would."""
@@ -34,9 +38,13 @@ class FakeResolver:
                 size = (int(w), int(h))
         return Image.new("RGB", size, "white")
 
-    def load_text(self, value: str, task_id: int | None = None) -> str:
-        """Return the value itself (inline text)."""
+    def load_text(self, value: str, task_id: int | None = None, *, as_url: bool | None = None) -> str:
+        """Return the value itself (inline text), or the document served at a URL when fetched."""
         self.calls.append(value)
+        if as_url:
+            if value not in self.documents:
+                raise InputError(f"GET {value} answered 404")
+            return self.documents[value]
         return value
 
 
