@@ -26,10 +26,11 @@ RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt requirements-ray.txt ./
+# ray[data] too: the same image serves, runs batch jobs and joins a Ray cluster as a worker (docs/SCALING.md)
 RUN pip install --upgrade pip \
     && pip install torch==2.14.1 torchvision==0.29.1 \
-    && pip install -r requirements.txt
+    && pip install -r requirements.txt -r requirements-ray.txt
 
 RUN useradd --create-home --uid 1000 lsml \
     && mkdir -p /data/model_dir /data/weights \
@@ -41,7 +42,7 @@ USER 1000
 RUN python -m serving weights download \
         --model fasterrcnn_resnet50_fpn_v2 --model maskrcnn_resnet50_fpn_v2 --model keypointrcnn_resnet50_fpn \
         --model deeplabv3_resnet50 --model resnet50 --model dslim/bert-base-NER \
-        --model grounding_dino --model owlv2
+        --model facebook/sam2.1-hiera-tiny --model grounding_dino --model owlv2
 
 VOLUME ["/data/model_dir"]
 EXPOSE 9090

@@ -7,9 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 9090
 # Models that work offline: spaCy NER and EasyOCR English ship inside PyPI packages.
 WARMUP ?= ner,ocr
-APT_PACKAGES := tesseract-ocr tesseract-ocr-eng libtesseract-dev libleptonica-dev pkg-config
+APT_PACKAGES := tesseract-ocr tesseract-ocr-eng libtesseract-dev libleptonica-dev pkg-config nginx
 
-.PHONY: run test test-fast lint typecheck dockerlint setup apt weights bench bench-cpu e2e-setup clean
+.PHONY: run test test-fast lint typecheck dockerlint setup setup-ray apt weights bench bench-cpu e2e-setup clean
 
 setup: $(VENV)/.installed
 
@@ -22,9 +22,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-# System packages: Tesseract for the CPU OCR engine (and to build tesserocr).
+# The optional Ray batch engine (requirements-ray.txt); `make test` installs it so CI runs its tests.
+setup-ray: $(VENV)/.ray-installed
+
+$(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
+	$(PIP) install -q -r requirements-ray.txt
+	touch $@
+
+# System packages: Tesseract for the CPU OCR engine (and to build tesserocr); nginx for the replica
+# tests and `nginx -t` of deploy/nginx.conf.
 apt:
-	@if ! command -v tesseract >/dev/null 2>&1 || ! pkg-config --exists tesseract 2>/dev/null; then \
+	@if ! command -v tesseract >/dev/null 2>&1 || ! pkg-config --exists tesseract 2>/dev/null \
+		|| ! { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; }; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 		else echo "install with your package manager: $(APT_PACKAGES)"; exit 1; fi; \
@@ -41,22 +50,23 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-dockerlint: setup
+dockerlint: setup apt
 	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 Dockerfile
-	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml deploy/docker-compose.yml
+	$(PY) deploy/check_nginx.py
 
 # Label Studio 1.23.2 in its own venv (.cache/ls-venv, reused) and Debian's chromium, for tests/e2e.
 e2e-setup:
 	bash scripts/setup_e2e.sh
 
-test: setup lint typecheck dockerlint e2e-setup
+test: setup setup-ray lint typecheck dockerlint e2e-setup
 	$(VENV)/bin/pytest
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not e2e"
 
 weights: setup
-	$(PY) -m serving.weights download
+	$(PY) -m serving weights download
 
 bench-cpu: setup
 	$(PY) -m bench.run --cpu

@@ -28,21 +28,13 @@ from typing import Any
 import numpy as np
 
 from serving.contract import Example, ModelSpec, Target, TrainingRun, TrainResult
+from serving.training import precision_recall_f1, split_holdout
 
 log = logging.getLogger(__name__)
 
 SPACY_EPOCHS = 10
 HF_EPOCHS = 5
-HOLDOUT_MIN_EXAMPLES = 50
 SEED = 13
-
-
-def split_holdout(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
-    """Return (train, held out): every 10th example is held out once there are enough of them."""
-    if len(examples) < HOLDOUT_MIN_EXAMPLES:
-        return list(examples), []
-    train = [e for i, e in enumerate(examples) if i % 10 != 9]
-    return train, [e for i, e in enumerate(examples) if i % 10 == 9]
 
 
 def model_label_for(target: Target, config_label: str, model_labels: Sequence[str]) -> str:
@@ -68,21 +60,9 @@ def span_f1(
             tp += len(gs & fs)
             fp += len(fs - gs)
             fn += len(gs - fs)
-        per[label] = _prf(tp, fp, fn)
+        per[label] = precision_recall_f1(tp, fp, fn)
         tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
-    return {**_prf(tp_all, fp_all, fn_all), "per_label": per}
-
-
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "precision": round(precision, 4),
-        "recall": round(recall, 4),
-        "f1": round(f1, 4),
-        "support": tp + fn,
-    }
+    return {**precision_recall_f1(tp_all, fp_all, fn_all), "per_label": per}
 
 
 def evaluate(backend_cls: Any, run: TrainingRun, folder: Path, examples: Sequence[Example]) -> dict[str, Any]:

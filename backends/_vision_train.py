@@ -27,6 +27,7 @@ import numpy as np
 
 from backends import _torchvision as tv
 from serving.contract import Example, TrainingRun, TrainResult
+from serving.training import precision_recall_f1, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ TRAINABLE_DETECTORS = (
 
 
 # ---------------------------------------------------------------------------------------------- shared
-
-
-def split_holdout(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
-    """Return (train, held out): every 10th example is held out once there are at least 50."""
-    if len(examples) < 50:
-        return list(examples), []
-    return [e for i, e in enumerate(examples) if i % 10 != 9], [
-        e for i, e in enumerate(examples) if i % 10 == 9
-    ]
 
 
 def freeze_batchnorm(model: Any) -> None:
@@ -345,24 +337,12 @@ def detection_scores(
                 tp[c] += matched
                 fp[c] += len(p) - matched
                 fn[c] += len(g) - matched
-    per = {label: _prf(tp[i + 1], fp[i + 1], fn[i + 1]) for i, label in enumerate(labels)}
+    per = {label: precision_recall_f1(tp[i + 1], fp[i + 1], fn[i + 1]) for i, label in enumerate(labels)}
     return {
         "on": "held_out" if held_out else "train",
         "iou": 0.5,
-        **_prf(tp.sum(), fp.sum(), fn.sum()),
+        **precision_recall_f1(tp.sum(), fp.sum(), fn.sum()),
         "per_label": per,
-    }
-
-
-def _prf(tp: float, fp: float, fn: float) -> dict[str, float]:
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "precision": round(precision, 4),
-        "recall": round(recall, 4),
-        "f1": round(f1, 4),
-        "support": int(tp + fn),
     }
 
 

@@ -28,6 +28,7 @@ through the config's label map.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -336,6 +337,15 @@ class NerBackend(Backend):
         return None
 
     @classmethod
+    def trains_target(cls, target: Target) -> str | None:
+        """Return why annotations of a tag cannot train NER here (only Labels on Text are converted)."""
+        if target.obj.tag != "Text":
+            return (
+                f"NER trains on Labels over Text; <{target.control.tag}> on <{target.obj.tag}> is not trained"
+            )
+        return None
+
+    @classmethod
     def train(cls, run: TrainingRun) -> TrainResult:
         """Fine-tune on the project's spans for the config's labels (spaCy ner update, or a new BIO head)."""
         from backends import _ner_train
@@ -639,8 +649,13 @@ def _attr(attrs: Mapping[str, Any], key: str) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=64)
 def _spacy_data_dir(package: str) -> Path | None:
-    """Return the folder holding a spaCy pipeline's meta.json, without importing spaCy or the package."""
+    """Return the folder holding a spaCy pipeline's meta.json, without importing spaCy or the package.
+
+    Cached per process: version_of() runs on every request, and the process serves the pipeline it
+    loaded from this folder until it restarts.
+    """
     folder = Path(package)
     if not folder.is_dir():
         try:
@@ -658,12 +673,26 @@ def _spacy_data_dir(package: str) -> Path | None:
     return nested[0] if nested else None
 
 
+_json_cache: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """Return a JSON object file's content, parsed once per (path, size, mtime): version_of reads it per request."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return {}
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    cached = _json_cache.get(key)
+    if cached is not None:
+        return cached
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    result = data if isinstance(data, dict) else {}
+    _json_cache[key] = result
+    return result
 
 
 def _factory(nlp: Any, name: str) -> str:

@@ -130,6 +130,36 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
         ["--family", "ocr", "--n", "256"],
         ["--family", "ocr", "--n", "8", "--small-pages", "--latency-n", "5", "--clients", "2"],
     ),
+    # Ray engine vs local engine, same job (a local Ray cluster; on one GPU two actors share it).
+    (
+        "ray",
+        "bench.bench_ray",
+        ["--texts", "20000", "--images", "2000", "--ocr-engine", "easyocr", "--gpus-per-actor", "0.5"],
+        ["--texts", "2000", "--images", "200"],
+    ),
+    # one big /predict split over two gunicorn replicas vs one replica alone
+    ("replicas", "bench.bench_replicas", ["--tasks", "4000"], ["--tasks", "1000"]),
+    (
+        # Per-click latency, warm embedding vs cold encode, over HTTP (random weights of the real
+        # architectures: the GPU target is SAM 2.1 large at 1024 px, warm click p50 <= 25 ms).
+        "sam",
+        "bench.bench_sam",
+        [
+            "--arch",
+            "large",
+            "--device",
+            "cuda",
+            "--n",
+            "200",
+            "--cold-n",
+            "20",
+            "--encode-n",
+            "20",
+            "--clients",
+            "8",
+        ],
+        ["--arch", "tiny", "--n", "20", "--cold-n", "3", "--encode-n", "3", "--clients", "2"],
+    ),
     (
         "load",
         "bench.load_test",

@@ -74,6 +74,10 @@ def create_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["lsml_model"] = model
     app.extensions["lsml_settings"] = settings
+    from serving.replicas import Splitter
+
+    splitter = Splitter(settings, metrics)  # a no-op unless REPLICA_URLS is set
+    app.extensions["lsml_splitter"] = splitter
 
     @app.before_request
     def _before() -> None:
@@ -180,6 +184,22 @@ def create_app(
         if context is not None and not isinstance(context, dict):
             raise BadRequest("'params.context' must be an object or null")
         project = body.get("project")
+        if splitter.applies(len(tasks), request.headers, context):
+            config = model.config_for(label_config, str(project) if project else None)
+            # the plan this project is served with (its trained models in): a bad config is refused
+            # here, not once per chunk, and a failed chunk's entries carry the version /setup gave
+            plan = model.serving_plan(str(project) if project else None, config)
+            version = runtime.model_version(plan)
+            results = splitter.predict(
+                tasks,
+                label_config=config,
+                version=version,
+                params=params,
+                project=project,
+                authorization=request.headers.get("Authorization"),
+            )
+            model.seen.add(config)
+            return jsonify({"results": results})
         results = model.predict(
             tasks, context=context, label_config=label_config, project=str(project) if project else None
         )
@@ -263,7 +283,12 @@ def create_app(
 
             inner = runtime.resolver
             runtime.set_resolver(LocalFileResolver([settings.batch_input_root], lambda: inner, settings))
-        manager = JobManager(settings, runtime.predict, chunk_size=settings.job_chunk_size)
+        manager = JobManager(
+            settings,
+            runtime.predict,
+            chunk_size=settings.job_chunk_size,
+            engines=_job_engines(settings, runtime),
+        )
         manager.sources.append(model.training_jobs)  # GET /jobs/{id} shows training jobs too
         app.extensions["lsml_jobs"] = manager
         register_job_routes(app, manager)
@@ -273,12 +298,37 @@ def create_app(
     return app
 
 
+def _job_engines(settings: Settings, runtime: Runtime) -> dict[str, Any]:
+    """Return the engines POST /batch may ask for besides "local": "ray" when RAY_ADDRESS is set."""
+    if not settings.ray_address:
+        return {}
+    from serving.engines import RAY_MISSING, ray_installed
+
+    if not ray_installed():
+        log.warning("RAY_ADDRESS is set but %s", RAY_MISSING)
+        return {}
+    roots = [settings.batch_input_root] if settings.batch_input_root else []
+    families = dict(runtime.families)  # classes pickle by reference: each actor imports backends/ itself
+
+    def ray_runner(stop: Any) -> Any:
+        from serving.engines.ray import RayJobRunner, RayOptions
+
+        # progress goes to GET /jobs/{id}, not as Ray's progress lines into the server log
+        options = RayOptions.from_settings(settings, quiet=True)
+        return RayJobRunner(settings, families, roots, options=options, stop=stop)
+
+    return {"ray": ray_runner}
+
+
 def shutdown(app: Flask, timeout: float = 20.0) -> None:
     """Stop batch jobs after their current chunk, then the model threads; wait up to `timeout` s in all."""
     deadline = time.monotonic() + timeout
     manager = app.extensions.get("lsml_jobs")
     if manager is not None:
         manager.close(timeout)
+    splitter = app.extensions.get("lsml_splitter")
+    if splitter is not None:
+        splitter.close()
     model = app.extensions.get("lsml_model")
     if model is not None:
         model.close(max(0.0, deadline - time.monotonic()) / 2)

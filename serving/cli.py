@@ -26,7 +26,6 @@ from serving.jobs import (
     JobFailed,
     JobRunner,
     JobStore,
-    LocalFileResolver,
     create_store,
     file_to_data_uri,
     input_kind,
@@ -68,6 +67,15 @@ def state_files(state: Path) -> list[Path]:
     return [state, *(state.with_name(state.name + s) for s in ("-wal", "-shm", ".lock"))]
 
 
+def remove_state(state: Path) -> None:
+    """Delete the state file, its companions and the Ray engine's staged inputs."""
+    import shutil
+
+    for f in state_files(state):
+        f.unlink(missing_ok=True)
+    shutil.rmtree(state.with_name(state.name + ".ray"), ignore_errors=True)
+
+
 def default_state(args: argparse.Namespace) -> Path:
     """Return where the resume state lives: beside the output."""
     if args.state:
@@ -77,13 +85,6 @@ def default_state(args: argparse.Namespace) -> Path:
     if args.output_dir:
         return Path(str(args.output_dir).rstrip("/") + ".state")
     return Path(f"lsml-push-project{args.project}.state")
-
-
-def _default_resolver(settings: Settings) -> Any:
-    from serving.data import DataResolver
-    from serving.lsclient import LabelStudioClient
-
-    return DataResolver(settings, LabelStudioClient(settings))
 
 
 class HttpPredictor:
@@ -176,12 +177,33 @@ def _server_message(resp: Any) -> str:
 
 def build_runtime(settings: Settings, roots: Sequence[Path], families: Families | None) -> Any:
     """Build the in-process runtime (imported lazily: torch and models load only for `predict`)."""
-    from serving.runtime import Runtime
+    from serving.engines import build_runtime as build
 
     if families is None:
         raise UsageError("no model families to run here: start the command line as `python -m serving`")
-    resolver = LocalFileResolver(roots, lambda: _default_resolver(settings), settings)
-    return Runtime(settings, families(), resolver=resolver)
+    return build(settings, roots, families)
+
+
+def build_ray_runner(args: argparse.Namespace, settings: Settings, folder: Path, chunk: int) -> Any:
+    """Return the runner of --engine ray: the same runtime, built once on each actor of the cluster."""
+    from serving.engines import RAY_MISSING, ray_installed
+
+    if args.families is None:
+        raise UsageError("no model families to run here: start the command line as `python -m serving`")
+    if not ray_installed():
+        raise UsageError(RAY_MISSING)
+    from serving.engines.ray import RayJobRunner, RayOptions
+
+    options = RayOptions.from_settings(
+        settings,
+        address=args.ray_address,
+        actors=args.ray_actors,
+        gpus_per_actor=args.ray_gpus_per_actor,
+        cpus_per_actor=args.ray_cpus_per_actor,
+        stage_dir=args.ray_stage_dir,
+        quiet=args.quiet,
+    )
+    return RayJobRunner(settings, args.families, [folder], options=options, chunk_size=chunk)
 
 
 class _Progress:
@@ -236,6 +258,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Run a resumable batch prediction and write/push the results."""
     if not (args.output or args.output_dir or args.push):
         raise UsageError("say where results go: --output FILE, --output-dir DIR, and/or --push")
+    if args.engine == "ray" and args.server:
+        raise UsageError("--engine ray runs the models on the Ray cluster; drop --server (or --engine ray)")
     if args.push and not (args.ls_url and args.ls_key and args.project is not None):
         raise UsageError(
             "--push needs --ls-url, --ls-key (API key or personal access token) and --project ID"
@@ -263,8 +287,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "same files are served) or put the folder under LOCAL_FILES_DOCUMENT_ROOT"
         )
     if state.exists() and args.force:
-        for f in state_files(state):
-            f.unlink(missing_ok=True)
+        remove_state(state)
     if state.exists():
         if not args.resume:
             raise UsageError(
@@ -293,14 +316,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         ).close()
 
     runtime = None
-    if args.server:
-        auth = tuple(args.basic_auth.split(":", 1)) if args.basic_auth else None
-        predict_fn: Any = HttpPredictor(args.server, auth=auth)  # type: ignore[arg-type]
-    else:
-        runtime = build_runtime(settings, [folder], args.families)
-        predict_fn = runtime.predict
     chunk = args.chunk_size or (16 if args.server else 32)
-    runner = JobRunner(settings, predict_fn, chunk_size=chunk)
+    if args.engine == "ray":
+        runner = build_ray_runner(args, settings, folder, chunk)
+    else:
+        if args.server:
+            auth = tuple(args.basic_auth.split(":", 1)) if args.basic_auth else None
+            predict_fn: Any = HttpPredictor(args.server, auth=auth)  # type: ignore[arg-type]
+        else:
+            runtime = build_runtime(settings, [folder], args.families)
+            predict_fn = runtime.predict
+        runner = JobRunner(settings, predict_fn, chunk_size=chunk)
     progress = _Progress("predict", args.quiet)
     try:
         meta = runner.run(state, progress=progress)
@@ -356,8 +382,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if not args.keep_state:
-        for f in state_files(state):
-            f.unlink(missing_ok=True)
+        remove_state(state)
     return EXIT_OK
 
 
@@ -470,25 +495,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             log.warning("%s is not trained: %s", spec.key, reason)
             failed += 1
             continue
-        earlier = [
-            j
-            for j in store.jobs(project, states=("queued", "running"))
-            if j.model_key == spec.key and j.source.get("path") == str(path)
-        ]
-        if earlier:
-            job_id = earlier[0].id
-            log.info("resuming job %s (%s)", job_id, spec.key)
-        else:
-            job_id, _ = store.request(
-                project,
-                spec,
-                device,
-                label_config,
-                {"kind": "file", "path": str(path)},
-                "CLI",
-                coalesce=False,
-            )
-            write_json_atomic(store.job_dir(job_id) / "data.json", tasks)
+        # The device's lock first: a server trainer on the same MODEL_DIR claims any queued job of
+        # the device, and must not take this one before its data is written.
         lock = FileLock(lock_path(settings, device))
         lock.path.parent.mkdir(parents=True, exist_ok=True)
         waited = False
@@ -498,6 +506,25 @@ def cmd_train(args: argparse.Namespace) -> int:
                 waited = True
             time.sleep(1.0)
         try:
+            earlier = [
+                j
+                for j in store.jobs(project, states=("queued", "running"))
+                if j.model_key == spec.key and j.source.get("path") == str(path)
+            ]
+            if earlier:
+                job_id = earlier[0].id
+                log.info("resuming job %s (%s)", job_id, spec.key)
+            else:
+                job_id, _ = store.request(
+                    project,
+                    spec,
+                    device,
+                    label_config,
+                    {"kind": "file", "path": str(path)},
+                    "CLI",
+                    coalesce=False,
+                )
+                write_json_atomic(store.job_dir(job_id) / "data.json", tasks)
             job = run_job(
                 store.start(job_id),
                 store=store,
@@ -553,9 +580,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="import file to write (.json: a JSON list; .jsonl: one task per line)")
     p.add_argument("--output-dir", help="write one task per JSON file (for Label Studio cloud storage sync)")
     p.add_argument("--server", help="URL of a running server (default: run the models in this process)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (or --server); ray: a pool of actors on a Ray cluster (requirements-ray.txt)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster: auto, ray://head:10001, head:6379 (default RAY_ADDRESS, else a local cluster)",
+    )
+    p.add_argument(
+        "--ray-actors", type=int, default=None, help="predictor actors (default one per GPU of the cluster)"
+    )
+    p.add_argument(
+        "--ray-gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs per actor (default 1 when the cluster has GPUs)",
+    )
+    p.add_argument("--ray-cpus-per-actor", type=float, default=None, help="CPUs per actor (default 1)")
+    p.add_argument(
+        "--ray-stage-dir",
+        default=None,
+        help="shared folder every Ray node reads the staged tasks from (default RAY_STAGE_DIR, else beside --state)",
+    )
     p.add_argument("--basic-auth", help="user:password for --server")
     p.add_argument(
-        "--chunk-size", type=int, default=0, help="tasks per request/commit (default 32; 16 with --server)"
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="tasks per request/commit, or per actor batch with --engine ray (default 32; 16 with --server)",
     )
     p.add_argument(
         "--url-prefix", default="", help="for image folders: URL where Label Studio sees the same files"

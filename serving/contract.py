@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
+    from serving.embeddings import EmbeddingCache
     from serving.settings import Settings
 
 
@@ -343,6 +344,10 @@ class Backend(ABC):
     default_model: ClassVar[str] = ""
     aliases: ClassVar[Sequence[Collection[str]]] = ()
     default_threshold: ClassVar[float] = 0.5
+    # Non-empty for a family that answers only interactive calls (a prompt is its input): a plain
+    # /predict then answers each task without "result" and with this text as its "error", at once,
+    # without running the model (see Runtime.predict).
+    interactive_only: ClassVar[str] = ""
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         """Store the spec; never load weights here (load() runs in the worker)."""
@@ -352,6 +357,16 @@ class Backend(ABC):
         # The runtime's batcher thread holds this lock around forward(); interactive() must
         # take it around its own model calls so one thread at a time touches the model.
         self.lock = threading.RLock()
+        # The process-wide cache of image embeddings; the runtime attaches its own (with /metrics).
+        self.embeddings: EmbeddingCache | None = None
+
+    def embedding_cache(self) -> EmbeddingCache:
+        """Return the embedding cache the runtime attached, or a private one sized by the settings."""
+        if self.embeddings is None:
+            from serving.embeddings import EmbeddingCache
+
+            self.embeddings = EmbeddingCache(self.settings.embedding_cache_bytes)
+        return self.embeddings
 
     # ---- planning (class level, cheap, no model loaded) ----
     @classmethod
@@ -435,6 +450,15 @@ class Backend(ABC):
         """Turn one decoded item into the model's input (CPU, thread pool)."""
         return item
 
+    def preprocess_cached(self, item: Item, source: str) -> Any | None:
+        """Return the model input for an item whose image need not be fetched, else None (the default).
+
+        Called before the image is resolved (item.image is None; `source` is the task's data value):
+        a backend that already holds what it needs, e.g. this image's cached embedding, answers here
+        and skips the download and decode. It sets item.original_size when postprocess needs a size.
+        """
+        return None
+
     @abstractmethod
     def forward(self, batch: list[Any]) -> list[Any]:
         """Run the model on a batch; return exactly one CPU output per input (the only GPU step).
@@ -458,6 +482,11 @@ class Backend(ABC):
     def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:
         """Return None when this model can be fine-tuned here, else why not (cheap, nothing loads)."""
         return f"the {cls.family} family is not trained on annotations"
+
+    @classmethod
+    def trains_target(cls, target: Target) -> str | None:
+        """Return None when annotations of this target can train the model, else why not (cheap)."""
+        return None
 
     @classmethod
     def train(cls, run: TrainingRun) -> TrainResult:

@@ -453,6 +453,17 @@ def _runtime_of(predict_fn: Any) -> Any:
     return None
 
 
+class _Session:
+    """Progress of one run of a job: committed count, tasks predicted by this run, its start time."""
+
+    def __init__(self, done: int, total: int | None, progress: ProgressFn | None) -> None:
+        self.done = done
+        self.total = total
+        self.progress = progress
+        self.predicted = 0
+        self.started = time.monotonic()
+
+
 def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
     """Return True when fn takes a keyword argument `name` (optional extras of Runtime.predict)."""
     try:
@@ -515,57 +526,29 @@ class JobRunner:
             if not meta.get("ingested"):
                 self._ingest(store, meta)
             label_config = meta["label_config"]
-            self._wait_ready(label_config)
+            self.wait_ready(label_config)
             total = store.get("total")
             done = store.done_count()
             if resumed:
                 log.info("job %s resumes at %d/%s", job, done, total)
-            session_start, session_done = time.monotonic(), 0
             if progress:
                 progress(done, total)
-            while not self.stop.is_set():
-                if store.get("cancel_requested"):
-                    store.set(state="cancelled", finished_at=_now())
-                    log.info("job %s cancelled at %d/%s", job, done, total)
-                    return store.meta()
-                rows = store.conn.execute(
-                    "SELECT idx, task, local FROM inputs WHERE idx >= ? ORDER BY idx LIMIT ?",
-                    (done, self.chunk_size),
-                ).fetchall()
-                if not rows:
-                    break
-                image_key = store.get("image_key")
-                tasks = [self._predict_task(task, local, image_key) for _, task, local in rows]
-                outcomes = self.predict_chunk(label_config, tasks)
-                failed = sum(1 for pred, err in outcomes if err is not None)
-                session_done += len(rows)
-                elapsed = max(time.monotonic() - session_start, 1e-6)
-                version = next((p.get("model_version") for p, _ in outcomes if p), None)
-                with store.tx() as conn:
-                    conn.executemany(
-                        "INSERT INTO results (idx, prediction, error) VALUES (?, ?, ?)",
-                        [
-                            (idx, json.dumps(pred) if pred is not None else None, err)
-                            for (idx, _, _), (pred, err) in zip(rows, outcomes, strict=True)
-                        ],
-                    )
-                    updates: dict[str, Any] = {
-                        "done": done + len(rows),
-                        "failed": int(store.get("failed", 0)) + failed,
-                        "rate": session_done / elapsed,
-                        "updated_at": _now(),
-                    }
-                    if version:
-                        updates["model_version"] = version
-                    store.set(conn, **updates)
-                done += len(rows)
-                if progress:
-                    progress(done, total)
-            if self.stop.is_set():
-                log.info("job %s paused at %d/%s (server stopping); it resumes on restart", job, done, total)
+            session = _Session(done=done, total=total, progress=progress)
+            outcome = self._predict_pending(store, label_config, session)
+            if outcome == "cancelled":
+                store.set(state="cancelled", finished_at=_now())
+                log.info("job %s cancelled at %d/%s", job, session.done, total)
+                return store.meta()
+            if outcome == "stopped":
+                log.info(
+                    "job %s paused at %d/%s (server stopping); it resumes on restart",
+                    job,
+                    session.done,
+                    total,
+                )
                 return store.meta()
             store.set(state="done", finished_at=_now())
-            log.info("job %s done: %d tasks, %d failed", job, done, store.get("failed", 0))
+            log.info("job %s done: %d tasks, %d failed", job, session.done, store.get("failed", 0))
         except (JobFailed, ServingError) as exc:
             message = getattr(exc, "message", None) or str(exc)
             store.set(state="failed", error=message, finished_at=_now())
@@ -574,6 +557,63 @@ class JobRunner:
             log.exception("job %s failed", job)
             store.set(state="failed", error=f"{type(exc).__name__}: {exc}", finished_at=_now())
         return store.meta()
+
+    def _predict_pending(self, store: JobStore, label_config: str, session: _Session) -> str:
+        """Predict every task without a committed result, chunk by chunk; return done, stopped or cancelled."""
+        image_key = store.get("image_key")
+        last = -1
+        while not self.stop.is_set():
+            if store.get("cancel_requested"):
+                return "cancelled"
+            # tasks without a result, in order: another engine may have left gaps (Ray commits out of order)
+            rows = store.conn.execute(
+                "SELECT i.idx, i.task, i.local FROM inputs i WHERE i.idx > ? AND NOT EXISTS "
+                "(SELECT 1 FROM results r WHERE r.idx = i.idx) ORDER BY i.idx LIMIT ?",
+                (last, self.chunk_size),
+            ).fetchall()
+            if not rows:
+                return "done"
+            tasks = [self._predict_task(task, local, image_key) for _, task, local in rows]
+            outcomes = self.predict_chunk(label_config, tasks)
+            self._commit(
+                store,
+                session,
+                [(idx, pred, err) for (idx, _, _), (pred, err) in zip(rows, outcomes, strict=True)],
+            )
+            last = rows[-1][0]
+        return "stopped"
+
+    @staticmethod
+    def _commit(
+        store: JobStore, session: _Session, outcomes: Sequence[tuple[int, dict[str, Any] | None, str | None]]
+    ) -> None:
+        """Commit results and the job's progress in one transaction (the idx key refuses a second result)."""
+        if not outcomes:
+            return
+        failed = sum(1 for _, _, err in outcomes if err is not None)
+        version = next((p.get("model_version") for _, p, _ in outcomes if p), None)
+        session.predicted += len(outcomes)
+        elapsed = max(time.monotonic() - session.started, 1e-6)
+        with store.tx() as conn:
+            conn.executemany(
+                "INSERT INTO results (idx, prediction, error) VALUES (?, ?, ?)",
+                [
+                    (int(idx), json.dumps(pred) if pred is not None else None, err)
+                    for idx, pred, err in outcomes
+                ],
+            )
+            updates: dict[str, Any] = {
+                "done": session.done + len(outcomes),
+                "failed": int(store.get("failed", 0)) + failed,
+                "rate": session.predicted / elapsed,
+                "updated_at": _now(),
+            }
+            if version:
+                updates["model_version"] = version
+            store.set(conn, **updates)
+        session.done += len(outcomes)
+        if session.progress:
+            session.progress(session.done, session.total)
 
     @staticmethod
     def _predict_task(task_json: str, local: str | None, image_key: str | None) -> dict[str, Any]:
@@ -613,7 +653,7 @@ class JobRunner:
             "job %s: read %d tasks from %s in %.1f s", meta.get("job_id"), n, path, time.monotonic() - started
         )
 
-    def _wait_ready(self, label_config: str) -> None:
+    def wait_ready(self, label_config: str) -> None:
         """Wait for the runtime's models of this config (a job must not fail while a model still loads)."""
         runtime = _runtime_of(self.predict_fn)
         if runtime is None:
@@ -769,6 +809,7 @@ def job_status(store: JobStore) -> dict[str, Any]:
         "rate_per_s": round(rate, 2) if rate else None,
         "eta_s": round(eta, 1) if eta is not None else None,
         "model_version": meta.get("model_version"),
+        "engine": meta.get("engine") or "local",
         "error": meta.get("error"),
         "cancel_requested": bool(meta.get("cancel_requested")),
         "created_at": meta.get("created_at"),
@@ -788,6 +829,24 @@ def _task_id(task_json: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------- manager
 
+# Builds the runner of another engine (Ray) with the manager's stop event.
+EngineFactory = Callable[[threading.Event], "JobRunner"]
+
+
+def _by_mtime(root: Path) -> list[Path]:
+    """Return the entries of a folder, oldest first; entries another process deletes meanwhile are skipped."""
+    stamped = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            stamped.append((entry.stat().st_mtime, entry.name, entry))
+        except OSError:
+            continue
+    return [entry for *_, entry in sorted(stamped)]
+
 
 class JobManager:
     """Create, run (one at a time, in a background thread), inspect, cancel and stream jobs under MODEL_DIR/jobs."""
@@ -800,16 +859,20 @@ class JobManager:
         root: str | Path | None = None,
         chunk_size: int | None = None,
         sync_limit: int = SYNC_LIMIT,
-        rescan_s: float = 30.0,
+        rescan_s: float | None = None,
         autostart: bool = True,
+        engines: Mapping[str, EngineFactory] | None = None,
     ) -> None:
         self.settings = settings
         self.predict_fn = predict_fn
         self.root = Path(root) if root is not None else Path(settings.model_dir) / "jobs"
         self.sync_limit = sync_limit
-        self.rescan_s = rescan_s
+        self.rescan_s = rescan_s if rescan_s is not None else getattr(settings, "job_rescan_s", 30.0)
         self._stop = threading.Event()
         self.runner = JobRunner(settings, predict_fn, chunk_size, stop=self._stop)
+        # other engines (Ray) build their runner on first use, with the manager's stop event
+        self._engine_factories: dict[str, EngineFactory] = dict(engines or {})
+        self._runners: dict[str, JobRunner] = {"local": self.runner}
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -818,8 +881,29 @@ class JobManager:
         # Other kinds of job shown under /jobs (training): each has status(id) -> dict | None,
         # list() -> [dict] and cancel(id) -> dict | None.
         self.sources: list[Any] = []
-        if autostart and self.root.is_dir():
+        # Started even before any job exists: a replica sharing MODEL_DIR must pick up the jobs that
+        # another replica created and left behind when it died, whether or not it ever created one.
+        if autostart:
             self.start()
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """Return the engines jobs can run on here ("local", and "ray" when configured)."""
+        return ("local", *self._engine_factories)
+
+    def runner_for(self, engine: str) -> JobRunner:
+        """Return the runner of an engine, built on first use; JobFailed when this server lacks it."""
+        with self._lock:
+            runner = self._runners.get(engine)
+            if runner is None:
+                factory = self._engine_factories.get(engine)
+                if factory is None:
+                    raise JobFailed(
+                        f"this job runs on engine {engine!r}, which this server does not offer "
+                        f"(engines here: {', '.join(self.engines)}); set RAY_ADDRESS on the server for 'ray'"
+                    )
+                runner = self._runners[engine] = factory(self._stop)
+        return runner
 
     # ---- paths ----
     def db_path(self, job_id: str) -> Path:
@@ -856,7 +940,7 @@ class JobManager:
         found: list[str] = []
         if not self.root.is_dir():
             return found
-        for entry in sorted(self.root.iterdir(), key=lambda p: p.stat().st_mtime):
+        for entry in _by_mtime(self.root):
             db = entry / "job.sqlite"
             if not (_ID_RE.match(entry.name) and db.exists()):
                 continue
@@ -897,12 +981,38 @@ class JobManager:
             if job_id is None:
                 return
             try:
-                self.runner.run(self.db_path(job_id))
+                self._run_job(job_id)
             except Exception:
                 log.exception("job %s crashed the runner", job_id)
             finally:
                 with self._lock:
                     self._pending.discard(job_id)
+
+    def _run_job(self, job_id: str) -> None:
+        path = self.db_path(job_id)
+        if not path.exists():  # deleted through another replica meanwhile
+            return
+        store = JobStore(path)
+        try:
+            engine = store.get("engine") or "local"
+        finally:
+            store.close()
+        try:
+            runner = self.runner_for(engine)
+        except JobFailed as exc:
+            # another process that offers the engine may hold the job: only fail it when none does
+            store = JobStore(path)
+            lock = FileLock(store.lock_path)
+            try:
+                if lock.acquire():
+                    if store.get("state") not in TERMINAL:
+                        store.set(state="failed", error=str(exc), finished_at=_now())
+                        log.warning("job %s failed: %s", job_id, exc)
+                    lock.release()
+            finally:
+                store.close()
+            return
+        runner.run(path)
 
     # ---- operations ----
     def validate_config(self, label_config: Any) -> None:
@@ -922,8 +1032,14 @@ class JobManager:
         tasks: Sequence[Any] | None = None,
         input_path: str | Path | None = None,
         url_prefix: str = "",
+        engine: str = "local",
     ) -> str:
         """Create a job from inline tasks or a server-side path and queue it; return its id."""
+        if engine not in self.engines:
+            raise BadRequest(
+                f"engine {engine!r} is not available on this server (engines: {', '.join(self.engines)}); "
+                "'ray' needs RAY_ADDRESS set on the server and Ray installed (requirements-ray.txt)"
+            )
         self.validate_config(label_config)
         if (tasks is None) == (input_path is None):
             raise BadRequest(
@@ -942,6 +1058,7 @@ class JobManager:
                 input_path=input_path,
                 url_prefix=url_prefix,
                 job_id=job_id,
+                extra={"engine": engine},
             )
         except Exception:
             import shutil
@@ -987,7 +1104,7 @@ class JobManager:
         """Return the status of every job, newest first."""
         out = []
         if self.root.is_dir():
-            for entry in sorted(self.root.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+            for entry in reversed(_by_mtime(self.root)):
                 if _ID_RE.match(entry.name) and (entry / "job.sqlite").exists():
                     with contextlib.suppress(NotFound, sqlite3.Error):
                         s = self.status(entry.name)
@@ -1087,6 +1204,9 @@ def register_job_routes(app: Any, manager: JobManager) -> None:
         url_prefix = data.get("url_prefix") or ""
         if not isinstance(url_prefix, str):
             raise BadRequest("'url_prefix' must be a string")
+        engine = data.get("engine") or "local"
+        if not isinstance(engine, str) or engine not in ("local", "ray"):
+            raise BadRequest("'engine' must be 'local' or 'ray'")
         if tasks is not None and raw_input is not None:
             raise BadRequest("send either 'tasks' or 'input', not both")
         if tasks is None and raw_input is None:
@@ -1098,12 +1218,12 @@ def register_job_routes(app: Any, manager: JobManager) -> None:
                 raise BadRequest("'tasks' must be a list of Label Studio tasks or data objects")
             if not tasks:
                 raise BadRequest("'tasks' is empty; send at least one task")
-            if len(tasks) <= manager.sync_limit and not data.get("job"):
+            if len(tasks) <= manager.sync_limit and not data.get("job") and engine == "local":
                 return jsonify(manager.predict_now(label_config, tasks))
-            job_id = manager.create(label_config, tasks=tasks, url_prefix=url_prefix)
+            job_id = manager.create(label_config, tasks=tasks, url_prefix=url_prefix, engine=engine)
         else:
             path = resolve_input_path(manager.settings, raw_input)
-            job_id = manager.create(label_config, input_path=path, url_prefix=url_prefix)
+            job_id = manager.create(label_config, input_path=path, url_prefix=url_prefix, engine=engine)
         status = manager.status(job_id)
         headers = {"Location": f"/jobs/{job_id}"}
         return jsonify(status), 202, headers

@@ -55,6 +55,38 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        # Image embeddings of promptable models (serving/embeddings.py), per model.
+        self.embedding_hits = Counter(
+            "lsml_embedding_cache_hits_total",
+            "Prompts answered from a cached image embedding (no encode)",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.embedding_misses = Counter(
+            "lsml_embedding_cache_misses_total",
+            "Image embeddings computed (one encoder run per image)",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.embedding_evictions = Counter(
+            "lsml_embedding_cache_evictions_total",
+            "Image embeddings dropped to stay within EMBEDDING_CACHE_BYTES",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.embedding_bytes = Gauge(
+            "lsml_embedding_cache_bytes", "Bytes of image embeddings held", registry=self.registry
+        )
+        self.embedding_entries = Gauge(
+            "lsml_embedding_cache_entries", "Image embeddings held", registry=self.registry
+        )
+
+        self.split_chunks = Counter(
+            "lsml_split_chunks_total",
+            "Chunks of big /predict requests forwarded to the replicas, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
 
     def observe_batch(self, backend: str, size: int, seconds: float) -> None:
         """Record one forward call."""

@@ -271,6 +271,12 @@ def spec() -> dict[str, Any]:
                                     "description": "a JSON/JSONL file or image folder under BATCH_INPUT_ROOT",
                                 },
                                 "format": {"type": "string", "enum": ["json", "jsonl"]},
+                                "job": {"type": "boolean", "description": "always run as a job"},
+                                "engine": {
+                                    "type": "string",
+                                    "enum": ["local", "ray"],
+                                    "description": "where the job runs; 'ray' needs RAY_ADDRESS on the server",
+                                },
                             },
                         }
                     ),

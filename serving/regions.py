@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -95,6 +95,41 @@ def points_px_to_pct(points_px: Iterable[Sequence[float]], size: tuple[int, int]
         [clamp_pct(float(x) / width_px * 100.0), clamp_pct(float(y) / height_px * 100.0)]
         for x, y in points_px
     ]
+
+
+def point_pct_to_px(x_pct: float, y_pct: float, size: tuple[int, int]) -> tuple[float, float]:
+    """Convert a Label Studio percent point (a drawn region's value) to pixels of the image.
+
+    Percentages are of the image as Label Studio shows it (EXIF orientation applied, as the
+    resolver decodes it). `image_rotation` in a drawn region needs no handling: Label Studio
+    rotates the whole stage for display and keeps region coordinates in the unrotated image.
+    """
+    width_px, height_px = size
+    return float(x_pct) / 100.0 * width_px, float(y_pct) / 100.0 * height_px
+
+
+def rect_pct_to_box_xyxy_px(value: Mapping[str, Any], size: tuple[int, int]) -> tuple[float, ...]:
+    """Return the axis-aligned pixel box (x0, y0, x1, y1) of a drawn rectangle value (x/y/width/height %).
+
+    A rotated rectangle (clockwise `rotation` degrees about its top-left corner x/y, as Label
+    Studio draws it) gives the box around its four corners.
+    """
+    width_px, height_px = size
+    x0 = float(value["x"]) / 100.0 * width_px
+    y0 = float(value["y"]) / 100.0 * height_px
+    w = float(value["width"]) / 100.0 * width_px
+    h = float(value["height"]) / 100.0 * height_px
+    theta = math.radians(float(value.get("rotation", 0.0) or 0.0))
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    if theta == 0.0:
+        xs, ys = (x0, x0 + w), (y0, y0 + h)
+    else:
+        cos, sin = math.cos(theta), math.sin(theta)
+        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+        xs = tuple(x0 + u * cos - v * sin for u, v in corners)
+        ys = tuple(y0 + u * sin + v * cos for u, v in corners)
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def rotated_rect_px_to_pct(corners_px: Sequence[Sequence[float]], size: tuple[int, int]) -> dict[str, float]:

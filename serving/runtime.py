@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from serving.batching import Batcher
 from serving.contract import Backend, Item, ModelSpec, ObjectTag, Target
 from serving.data import ORIGINAL_SIZE, Shrink
+from serving.embeddings import EmbeddingCache
 from serving.errors import InputError, ModelUnavailable, Overloaded
 from serving.labeling import Plan, Planner
 from serving.metrics import Metrics
@@ -117,6 +118,12 @@ class Runtime:
         self._lock = threading.Lock()
         self._device: str | None = None
         self._pool = ThreadPoolExecutor(max(1, self.settings.preprocess_threads), thread_name_prefix="prep")
+        # Warms the embedding of a task Label Studio just opened (interactive-only families): two
+        # threads, so a model still loading holds at most these, never the request pool.
+        self._prefetch_pool = ThreadPoolExecutor(2, thread_name_prefix="prefetch")
+        self._prefetching = 0
+        # Image embeddings of promptable models, shared by every model of this process (one bound).
+        self.embeddings = EmbeddingCache(self.settings.embedding_cache_bytes, self.metrics)
         self.client: Any = None
         # The SDK's config parser takes ~1.5 s to import: do it off the request path so the
         # first /setup (Label Studio waits 3 s) answers in milliseconds.
@@ -164,6 +171,7 @@ class Runtime:
             if slot is None:
                 cls = self.family(spec)
                 slot = ModelSlot(spec=spec, backend=cls(spec, self.settings))
+                slot.backend.embeddings = self.embeddings
                 reason = None
                 try:
                     reason = cls.availability(spec, self.settings)
@@ -316,6 +324,11 @@ class Runtime:
                 raise InputError(
                     f"data['{obj.value_key}'] must be an image URL or path, got {type(value).__name__}"
                 )
+            if context is not None:
+                # an interactive call on an image the backend already holds (its embedding): no fetch
+                cached = backend.preprocess_cached(item, value)
+                if cached is not None:
+                    return item, cached
             item.image = self.resolver.load_image(value, task_id, shrink=backend.input_scale)
             item.original_size = item.image.info.get(ORIGINAL_SIZE)
         elif kind == "text" and obj.tag == "Paragraphs":
@@ -374,8 +387,22 @@ class Runtime:
         interactive = bool(context and isinstance(context, Mapping) and context.get("result"))
 
         groups = []
-        for spec, obj, targets in plan.groups():
+        prompt_needed: set[int] = set()
+        for spec, obj, targets in self._groups(plan, context if interactive else None):
             slot = self.slot(spec)
+            hint = self.family(spec).interactive_only
+            if hint and not interactive:
+                # A prompt is this model's input: nothing to predict, and nothing to wait for. The
+                # task is answered without "result" (Label Studio stores nothing and asks again next
+                # time it opens the task); a task being opened warms the model for the first click.
+                reason = hint if not slot.failed else f"model {spec.key} is {slot.state}"
+                if n == 1:
+                    self._start_prefetch(slot, tasks[0], obj)
+                if not any(not self.family(t.model).interactive_only for t in plan.targets):
+                    for i in range(n):
+                        reasons.setdefault(i, reason)
+                        prompt_needed.add(i)
+                continue
             wait = max(0.0, min(self.settings.load_wait_s, deadline - time.monotonic()))
             if not slot.ready.wait(wait):
                 for i in range(n):
@@ -416,10 +443,14 @@ class Runtime:
                     self.metrics.regions_dropped.labels("all").inc(len(problems))
             if i in reasons:
                 task_id = tasks[i].get("id") if isinstance(tasks[i], Mapping) else None
-                log.warning("task %s (#%d): %s", task_id, i, reasons[i])
                 if failures is not None:
                     failures.append(TaskFailure(i, task_id, reasons[i]))
-                self.metrics.tasks.labels("failed" if not items else "partial").inc()
+                if i in prompt_needed:  # expected (a Data Manager page lists many): not a failure
+                    log.debug("task %s (#%d): %s", task_id, i, reasons[i])
+                    self.metrics.tasks.labels("prompt_needed").inc()
+                else:
+                    log.warning("task %s (#%d): %s", task_id, i, reasons[i])
+                    self.metrics.tasks.labels("failed" if not items else "partial").inc()
                 if interactive:
                     predictions.append(
                         {"result": [], "score": 0.0, "model_version": version, "error": reasons[i]}
@@ -431,6 +462,26 @@ class Runtime:
             self.metrics.tasks.labels("ok").inc()
             predictions.append({"result": items, "score": prediction_score(items), "model_version": version})
         return predictions
+
+    def _groups(
+        self, plan: Plan, context: Mapping[str, Any] | None
+    ) -> list[tuple[ModelSpec, ObjectTag, list[Target]]]:
+        """Return the plan's groups an interactive call runs (all of them for a plain call).
+
+        When the plan has an interactive-only family (a click is its input), a click runs only the
+        models whose tags the drawn regions name: the other families answered when the task was
+        opened, and re-running them on every click would send their regions again each time.
+        """
+        groups = plan.groups()
+        if context is None or not any(self.family(spec).interactive_only for spec in plan.specs):
+            return groups
+        named = {r.get("from_name") for r in (context.get("result") or []) if isinstance(r, Mapping)} - {None}
+        chosen = [
+            g
+            for g in groups
+            if any(({t.control.name} | {c.name for c in t.linked.values()}) & named for t in g[2])
+        ]
+        return chosen or groups
 
     def _drain(
         self,
@@ -496,6 +547,8 @@ class Runtime:
                     results[i].extend(pfut.result(timeout=max(0.1, deadline - time.monotonic())))
                 except TimeoutError:
                     reasons.setdefault(i, late)
+                except InputError as exc:  # a bad prompt found by interactive() or on the model thread
+                    reasons.setdefault(i, str(exc))
                 except Exception as exc:
                     log.exception("postprocess failed for task #%d", i)
                     reasons.setdefault(i, f"postprocess failed: {type(exc).__name__}: {exc}")
@@ -509,6 +562,47 @@ class Runtime:
         finally:
             for slot in unprepared.values():  # never queued (deadline, 503): stop counting them
                 slot.add_pending(-1)
+
+    def _start_prefetch(self, slot: ModelSlot, task: Any, obj: ObjectTag) -> None:
+        """Warm a model for a task being opened, unless two warm-ups are already waiting.
+
+        Bounded: an annotator paging through tasks faster than the model encodes them would
+        otherwise queue encodes ahead of the clicks of everyone on the same model.
+        """
+        with self._lock:
+            if self._prefetching >= 2:
+                return
+            self._prefetching += 1
+
+        def run() -> None:
+            try:
+                self._prefetch(slot, task, obj)
+            finally:
+                with self._lock:
+                    self._prefetching -= 1
+
+        try:
+            self._prefetch_pool.submit(run)
+        except RuntimeError:  # shutting down
+            with self._lock:
+                self._prefetching -= 1
+
+    def _prefetch(self, slot: ModelSlot, task: Any, obj: ObjectTag) -> None:
+        """Load the model and run it on a task with no prompt (an interactive-only family warms its cache)."""
+        try:
+            if not slot.ready.wait(self.settings.load_wait_s) or slot.failed or slot.batcher is None:
+                return
+            data = task.get("data") if isinstance(task, Mapping) else None
+            value = data.get(obj.value_key) if isinstance(data, Mapping) else None
+            item = Item(task=task, obj=obj)
+            if not isinstance(value, str) or slot.backend.preprocess_cached(item, value) is not None:
+                return  # nothing to fetch, or already warm
+            _, x = self._prepare(task, obj, slot.backend, None)
+            slot.batcher.submit(x).result(timeout=self.settings.predict_timeout_s)
+        except Exception as exc:  # a warm-up only: the first click will say what is wrong
+            log.info(
+                "prefetch for task %s skipped: %s", task.get("id") if isinstance(task, Mapping) else None, exc
+            )
 
     def _interactive(
         self, slot: ModelSlot, item: Item, targets: list[Target], context: Mapping[str, Any], x: Any
@@ -537,6 +631,7 @@ class Runtime:
         for batcher in batchers:
             batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         for batcher in batchers:
             batcher.close(max(0.0, deadline - time.monotonic()))

@@ -116,6 +116,16 @@ class ModelService:
             entry = self._projects.get(str(project))
         return entry["schema"] if entry else None
 
+    def config_for(self, label_config: str | None, project: str | None) -> str:
+        """Return the request's labeling config, else the one /setup saw for the project; 400 when none."""
+        config = label_config or self.schema_for(project)
+        if not config:
+            raise BadRequest(
+                "no label_config in the request and no /setup seen for this project; "
+                "send 'label_config' with the tasks"
+            )
+        return config
+
     def predict(
         self,
         tasks: Sequence[Any],
@@ -126,12 +136,7 @@ class ModelService:
         **kwargs: Any,
     ) -> list[dict[str, Any]]:
         """Return one prediction per task, in order."""
-        config = label_config or self.schema_for(project)
-        if not config:
-            raise BadRequest(
-                "no label_config in the request and no /setup seen for this project; "
-                "send 'label_config' with the tasks"
-            )
+        config = self.config_for(label_config, project)
         plan = self.serving_plan(project, config)
         predictions = self.runtime.predict(config, tasks, context=context, failures=failures, plan=plan)
         self.seen.add(config)  # planned without error: a config this server serves
@@ -265,21 +270,38 @@ class ModelService:
         device = self.training_device()
         jobs, refused = [], {}
         for spec in plan.specs:
-            reason = self.runtime.family(spec).trainable(spec, self.settings)
+            family = self.runtime.family(spec)
+            reason = family.trainable(spec, self.settings)
+            if not reason:
+                # a model trains only on the tags its family learns from (NER: Labels on Text)
+                why_not = [family.trains_target(t) for t in plan.targets_of(spec.key)]
+                if why_not and all(why_not):
+                    reason = "; ".join(dict.fromkeys(str(w) for w in why_not))
             if reason:
                 refused[spec.key] = reason
                 continue
             source = (
                 {"kind": "inline"} if tasks is not None else {"kind": "label_studio", "project_id": project}
             )
+
+            def prepare(job_id: str, coalesced: bool) -> None:
+                # in the request's transaction: a waiting trainer cannot claim the job before this
+                data_file = self.training_store.job_dir(job_id) / "data.json"
+                if tasks is not None:
+                    write_json_atomic(data_file, tasks)
+                elif coalesced:
+                    data_file.unlink(missing_ok=True)  # the queued job reads the newest export when it starts
+
             job_id, coalesced = self.training_store.request(
-                project, spec, device, config, source, event, debounce_s=self.settings.train_debounce_s
+                project,
+                spec,
+                device,
+                config,
+                source,
+                event,
+                debounce_s=self.settings.train_debounce_s,
+                prepare=prepare,
             )
-            data_file = self.training_store.job_dir(job_id) / "data.json"
-            if tasks is not None:
-                write_json_atomic(data_file, tasks)
-            elif coalesced:
-                data_file.unlink(missing_ok=True)  # the queued job reads the newest export when it starts
             jobs.append({"job_id": job_id, "model": spec.key, "coalesced": coalesced})
         if not jobs:
             raise TrainingUnavailable(
@@ -337,9 +359,7 @@ class ModelService:
                 continue
             if version not in versions:
                 versions.append(version)
-        root = self.version_store.root
-        projects = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        for name in projects:
+        for name in self.version_store.projects():
             for manifest in self.version_store.manifests(name):
                 trained = manifest.get("model_version")
                 if isinstance(trained, str) and trained not in versions:

@@ -56,6 +56,7 @@ class Settings:
     ocr_threads: int = 0  # Tesseract pages in parallel; 0 = min(4, cpu count)
     tessdata_dir: str = ""  # extra place to look for Tesseract language data
     easyocr_model_dir: str = ""  # extra place to look for EasyOCR weights
+    sam_model: str = ""  # "" = facebook/sam2.1-hiera-tiny; a SAM / SAM 2 id or a save_pretrained() folder
     # Rectangle tags that name no model: "" = torchvision's detector; an open-vocabulary model name
     # (grounding_dino, owlv2, ...) or a torchvision detector name makes that the default.
     detector: str = ""
@@ -68,6 +69,9 @@ class Settings:
     max_image_pixels: int = 100_000_000
     max_text_chars: int = 2_000_000
     cache_max_bytes: int = 512 * 1024 * 1024
+    # Image embeddings of promptable models (SAM), per process, on the model's device: a SAM 2 image
+    # is ~16 MB in fp32 (~8 MB fp16), so the default keeps about 32 images (64 in fp16).
+    embedding_cache_bytes: int = 512 * 1024 * 1024
     # URL fetching policy.
     allowed_hosts: tuple[str, ...] = ()  # empty = any host except the blocked ones
     allow_private_urls: bool = True  # LS itself usually lives on a private address
@@ -90,6 +94,19 @@ class Settings:
     train_device: str = ""  # "" = DEVICE, else cuda when available, else cpu
     train_allow_cpu: bool = False  # detection trains on CPU only when true (slow)
     train_idle_s: float = 60.0  # the trainer process exits after this long without a queued job
+    job_rescan_s: float = 30.0  # how often a server looks for jobs a stopped or dead replica left
+    # Ray batch engine (optional: requirements-ray.txt). RAY_ADDRESS is also Ray's own variable.
+    ray_address: str = ""  # "auto", "ray://head:10001", "head:6379"; enables POST /batch "engine": "ray"
+    ray_actors: int = 0  # predictor actors; 0 = one per GPU of the cluster (1 without GPUs)
+    ray_gpus_per_actor: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
+    ray_cpus_per_actor: float = 1.0
+    ray_batch_size: int = 0  # tasks per actor call; 0 = the job's chunk size
+    ray_stall_timeout_s: float = 1800.0  # fail a Ray job when no task finishes for this long
+    ray_stage_dir: str = ""  # shared folder for the tasks handed to Ray; "" = beside the job's store
+    # Replicas: a /predict of more than SPLIT_MIN_TASKS tasks is split over REPLICA_URLS.
+    replica_urls: tuple[str, ...] = ()  # the nginx in front of the replicas, or each replica's URL
+    split_min_tasks: int = 16
+    split_ways: int = 0  # chunks a big request is cut into; 0 = one per REPLICA_URLS entry
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property

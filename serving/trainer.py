@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.contract import Backend, TrainCancelled
+from serving.engines import load_families
 from serving.jobs import FileLock
 from serving.labeling import build_plan
 from serving.runtime import plan_version
@@ -56,18 +56,6 @@ class TrainingFailed(Exception):
 def lock_path(settings: Settings, device: str) -> Path:
     """Return the flock file that marks the trainer of a device."""
     return Path(settings.model_dir) / "training" / f"trainer-{device_slug(device)}.lock"
-
-
-def resolve_families(reference: str) -> Families:
-    """Import "module:attribute" and return the family registry it names (a callable or a mapping)."""
-    module_name, _, attr = reference.partition(":")
-    target: Any = importlib.import_module(module_name)
-    for part in (attr or "families").split("."):
-        target = getattr(target, part)
-    families = target() if callable(target) else target
-    if not isinstance(families, Mapping):
-        raise TypeError(f"{reference} is not a family registry")
-    return families
 
 
 def settings_to_json(settings: Settings) -> str:
@@ -395,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    families = resolve_families(args.families)
+    families = load_families(args.families)
     serve(settings, families, args.device, stop=stop, idle_s=args.idle_s)
     return 0
 

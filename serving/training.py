@@ -329,6 +329,7 @@ class TrainingStore:
         debounce_s: float = 0.0,
         max_delay_s: float = 60.0,
         coalesce: bool = True,
+        prepare: Callable[[str, bool], None] | None = None,
     ) -> tuple[str, bool]:
         """Record a training request for (project, model); return (job id, coalesced into a queued job).
 
@@ -337,6 +338,8 @@ class TrainingStore:
         queued, maybe one running) a new queued job is created: the running one's follow-up.
         A queued job starts `debounce_s` after the last request that joined it (so that a burst
         of annotation saves is one job), but never later than `max_delay_s` after it was created.
+        `prepare(job id, coalesced)` runs inside the transaction (e.g. writes the job's data), so no
+        trainer can claim the job before it is done.
         """
         now = _now()
         with self.tx() as conn:
@@ -354,6 +357,8 @@ class TrainingStore:
                     " not_before = ? WHERE id = ?",
                     (json.dumps(events), config, json.dumps(dict(source)), now, not_before, row[0]),
                 )
+                if prepare is not None:
+                    prepare(str(row[0]), True)
                 return str(row[0]), True
             job_id = uuid.uuid4().hex[:12]
             conn.execute(
@@ -376,6 +381,8 @@ class TrainingStore:
                     now + debounce_s,
                 ),
             )
+            if prepare is not None:
+                prepare(job_id, False)
             return job_id, False
 
     def claim(self, device: str) -> TrainingJob | None:
@@ -556,6 +563,14 @@ class VersionStore:
         if not _PROJECT_RE.match(project):
             raise BadRequest(f"project {project[:40]!r} is not a Label Studio project id")
         return self.root / project
+
+    def projects(self) -> list[str]:
+        """Return the projects that have a folder here, sorted (other entries, e.g. lost+found, are skipped)."""
+        try:
+            entries = list(self.root.iterdir()) if self.root.is_dir() else []
+        except OSError:
+            return []
+        return sorted(p.name for p in entries if _PROJECT_RE.match(p.name) and p.is_dir())
 
     def pointer_path(self, project: str) -> Path:
         """Return the project's pointer file."""
@@ -970,6 +985,30 @@ def _boxes(
             continue
         boxes.append(BoxPct(float(x), float(y), float(w), float(h), float(rotation), labels[0]))
     return boxes
+
+
+HOLDOUT_MIN_EXAMPLES = 50
+
+
+def split_holdout(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """Return (train, held out): every 10th example is held out once there are at least 50 (for the metrics)."""
+    if len(examples) < HOLDOUT_MIN_EXAMPLES:
+        return list(examples), []
+    train = [e for i, e in enumerate(examples) if i % 10 != 9]
+    return train, [e for i, e in enumerate(examples) if i % 10 == 9]
+
+
+def precision_recall_f1(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """Return precision, recall and F1 (rounded) and the support of true/false positive and negative counts."""
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "precision": round(float(precision), 4),
+        "recall": round(float(recall), 4),
+        "f1": round(float(f1), 4),
+        "support": int(tp + fn),
+    }
 
 
 def export_sha1(tasks: Sequence[Any]) -> str:

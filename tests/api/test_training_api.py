@@ -276,3 +276,109 @@ def test_a_trained_project_predicts_with_its_own_model(tmp_path: Path, project: 
     assert other["results"][0]["result"] == []  # another project keeps the pretrained model
     assert TrainingStore.for_settings(model.settings).get(job.id).state == "done"  # type: ignore[union-attr]
     model.close()
+
+
+def test_a_folder_under_versions_that_is_not_a_project_does_not_break_versions(tmp_path: Path) -> None:
+    """MODEL_DIR on a mounted volume may hold lost+found or an NFS .snapshot beside the project folders."""
+    app, model, _ = make_app(tmp_path)
+    client = app.test_client()
+    client.post("/setup", json={"project": "2.1795429160", "schema": CONFIG})
+    job = train_now(model, export_tasks(4))
+    for stray in ("lost+found", ".snapshot", "tmp.old"):
+        (VersionStore.for_settings(model.settings).root / stray).mkdir()
+    answer = client.get("/versions")
+    assert answer.status_code == 200, answer.json
+    assert job.model_version in answer.json["versions"]
+    model.close()
+
+
+def test_a_split_request_of_a_trained_project_answers_its_trained_version(tmp_path: Path) -> None:
+    """A big /predict split over replicas that all fail: the per-task errors carry the version /setup gave."""
+    port = _free_port()  # nothing listens: every chunk fails
+    app, model, _ = make_app(
+        tmp_path, replica_urls=(f"http://127.0.0.1:{port}",), split_ways=2, split_min_tasks=4
+    )
+    client = app.test_client()
+    job = train_now(model, export_tasks(4))
+    setup = {"project": "2.1795429160", "schema": CONFIG}
+    deadline = time.monotonic() + 10
+    while client.post("/setup", json=setup).json["model_version"] != job.model_version:
+        assert time.monotonic() < deadline, "the trained version never swapped in"
+        time.sleep(0.02)
+    tasks = [{"id": i, "data": {"text": "Ann takes Bravocel."}} for i in range(6)]
+    body = {"tasks": tasks, "label_config": CONFIG, "project": "2.1795429160"}
+    results = client.post("/predict", json=body).json["results"]
+    assert len(results) == 6 and all(
+        "result" not in r and "failed on the replicas" in r["error"] for r in results
+    )
+    assert {r["model_version"] for r in results} == {job.model_version}
+    model.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_inline_tasks_are_written_before_a_waiting_trainer_can_claim_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRAIN_DEBOUNCE_S=0 and a trainer polling for work: /train's inline data must exist when it claims."""
+    import threading
+
+    import serving.service as service_module
+    from serving.trainer import serve
+
+    app, model, _ = make_app(tmp_path)
+    stop = threading.Event()
+    trainer = threading.Thread(
+        target=serve, args=(model.settings, families(), "cpu"), kwargs={"stop": stop, "idle_s": 30.0}
+    )
+    trainer.start()
+    lock = Path(model.settings.model_dir) / "training" / "trainer-cpu.lock"
+    while not lock.exists():  # the trainer holds its device lock and polls for jobs
+        assert trainer.is_alive()
+    written = service_module.write_json_atomic
+
+    def slow_write(path: Path, value: Any) -> None:
+        time.sleep(1.5)  # many inline tasks take a while to write
+        written(path, value)
+
+    monkeypatch.setattr(service_module, "write_json_atomic", slow_write)
+    try:
+        job_id = (
+            app.test_client()
+            .post("/train", json={"project": 2, "label_config": CONFIG, "annotations": export_tasks(4)})
+            .json["job"]
+        )
+        deadline = time.monotonic() + 30
+        job = model.training_store.get(job_id)
+        while job is not None and job.state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            job = model.training_store.get(job_id)
+    finally:
+        stop.set()
+        trainer.join(10)
+    assert job is not None and job.state == "done", (job.state, job.error) if job else None
+    model.close()
+
+
+def test_ner_on_hypertext_is_refused_with_the_reason_not_skipped_later(tmp_path: Path) -> None:
+    """NER learns from Labels on Text only: a HyperText project gets a 422 that says so, no job."""
+    from backends.ner import NerBackend
+
+    cfg = Settings(model_dir=str(tmp_path / "md"), label_studio_url="http://x", label_studio_api_key="k")
+    model = ModelService(cfg, Runtime(cfg, {"ner": NerBackend}, resolver=FakeResolver()), families_ref=REF)
+    request = fixture_request("webhook_START_TRAINING")
+    request["body"]["project"]["label_config"] = """<View>
+      <HyperText name="page" value="$html"/>
+      <HyperTextLabels name="ents" toName="page"><Label value="Person"/></HyperTextLabels>
+    </View>"""
+    refused = create_app(cfg, model=model).test_client().post("/webhook", json=request["body"])
+    assert refused.status_code == 422
+    assert "<HyperTextLabels> on <HyperText> is not trained" in refused.json["message"]
+    assert model.training_jobs.list() == []
+    model.close()

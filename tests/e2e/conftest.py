@@ -51,6 +51,22 @@ RATING_CONFIG = """<View>
   <Rating name="rating" toName="text" maxRating="5"/>
 </View>"""
 
+# Interactive segmentation: clicks with the smart keypoint tool come back as brush masks. The
+# checkpoint is a small random SAM 2 saved by the test (no SAM weights exist offline); {model_path}
+# is filled with its folder.
+SAM_CONFIG_TEMPLATE = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <KeyPointLabels name="click" toName="image" smart="true">
+    <Label value="Cat" background="orange" smart="true"/>
+  </KeyPointLabels>
+  <BrushLabels name="mask" toName="image" model_path="{model_path}">
+    <Label value="Cat" background="orange"/>
+    <Label value="Background" background="blue"/>
+  </BrushLabels>
+</View>"""
+SAM_IMAGE_SIZE = (320, 240)
+SAM_MODEL_NAME = "facebook/sam2.1-hiera-tiny"
+
 NER_TEXTS = (
     "Barack Obama was born in Hawaii.",
     "Angela Merkel met Emmanuel Macron in Paris.",
@@ -212,6 +228,53 @@ def ocr_project(label_studio: LabelStudio, ml_server: MLServer) -> Project:
     ids = label_studio.import_file(int(project["id"]), "hello.png", text_image("HELLO"), "image/png")
     assert len(ids) == 1
     return Project(int(project["id"]), ml_id, OCR_CONFIG, ids)
+
+
+def sam_image(size: tuple[int, int] = SAM_IMAGE_SIZE) -> bytes:
+    """Return a PNG of an orange disk on a grey-blue background (what the SAM project uploads)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (70, 90, 120))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.ellipse((w * 0.3, h * 0.25, w * 0.7, h * 0.8), fill=(235, 140, 40))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class SamSetup:
+    """Our server serving a small random SAM 2 from a folder, and a project using it."""
+
+    server: MLServer
+    project: Project
+    model_path: Path
+
+
+@pytest.fixture(scope="session")
+def sam_setup(e2e_root: Path, label_studio: LabelStudio, artifacts_dir: Path) -> Iterator[SamSetup]:
+    """Start a server of ours with a small random SAM 2 (model_path), and a project with an uploaded image."""
+    from tests.backends._sam_support import build_sam2
+
+    model_path = build_sam2(e2e_root / "sam2-tiny-random")
+    server = start_ml_server(
+        e2e_root / "ml-server-sam",
+        label_studio,
+        label_studio.token,
+        warmup=f"sam:{SAM_MODEL_NAME}@{model_path}",
+    )
+    try:
+        config = SAM_CONFIG_TEMPLATE.format(model_path=model_path)
+        created = label_studio.create_project("e2e SAM", config)
+        ml_id = connect(label_studio, server, int(created["id"]))
+        ids = label_studio.import_file(int(created["id"]), "disk.png", sam_image(), "image/png")
+        assert len(ids) == 1
+        yield SamSetup(server, Project(int(created["id"]), ml_id, config, ids), model_path)
+    finally:
+        server.stop()
+        if server.proc is not None:
+            shutil.copyfile(server.proc.log_path, artifacts_dir / "ml-server-sam.log")
 
 
 @pytest.fixture(scope="session")

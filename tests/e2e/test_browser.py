@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import NER_CONFIG, NER_TEXTS, OCR_CONFIG, Project
+from tests.e2e.conftest import NER_CONFIG, NER_TEXTS, OCR_CONFIG, Project, SamSetup
 from tests.e2e.ls_harness import REPO, Chromium, LabelStudio, MLServer
 
 log = logging.getLogger(__name__)
@@ -153,3 +153,59 @@ def test_ner_labeling_page_shows_our_spans(
     ]
     assert entries == [("Person", "Barack Obama"), ("Location", "Hawaii")], panel
     save_screenshot(browser, artifacts_dir, "labeling-ner", rendered)
+
+
+# Clicks on the labeling page, as an annotator does them (DevTools mouse events on the page).
+ELEMENT_RECT = """(() => {{
+  const e = {query};
+  if (!e) return null;
+  const r = e.getBoundingClientRect();
+  return [r.x, r.y, r.width, r.height];
+}})()"""
+AUTO_ANNOTATION = "Array.from(document.querySelectorAll('label')).find(l => l.innerText.trim() === '{text}')"
+SMART_TOOLS = "document.querySelector('button.lsf-tool_smart:not([aria-label])')"
+LABEL_BUTTON = "Array.from(document.querySelectorAll('.lsf-label')).find(l => l.innerText.replace(/\\s+/g, ' ').trim() === '{text}')"
+# The image stage: Konva's canvases lie over the image.
+STAGE = "document.querySelector('.konvajs-content canvas')"
+
+
+def _rect(browser: Chromium, query: str, what: str) -> list[float]:
+    rect = browser.wait_for(ELEMENT_RECT.format(query=query), lambda r: bool(r) and r[2] > 0, what, stable=2)
+    return list(rect)
+
+
+def _click(browser: Chromium, x: float, y: float) -> None:
+    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+        browser.send(
+            "Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}
+        )
+
+
+def test_sam_click_on_the_labeling_page_shows_a_mask(
+    browser: Chromium, label_studio: LabelStudio, sam_setup: SamSetup, artifacts_dir: Path
+) -> None:
+    """Auto-Annotation on, the smart keypoint tool, a click on the disk: Label Studio shows our brush mask."""
+    from tests.e2e.test_sam import cache_counter
+
+    project = sam_setup.project
+    (task_id,) = project.task_ids
+    open_task(browser, label_studio, project, task_id)
+    for toggle in ("Auto-Annotation", "Auto-Accept Suggestions"):
+        x, y, _, h = _rect(browser, AUTO_ANNOTATION.format(text=toggle), f"the {toggle} toggle")
+        _click(browser, x + 21, y + h / 2)
+    x, y, w, h = _rect(browser, SMART_TOOLS, "the smart tools button")
+    _click(browser, x + w / 2, y + h / 2)
+    x, y, w, h = _rect(browser, LABEL_BUTTON.format(text="Cat 1"), "the keypoint label Cat")
+    _click(browser, x + w / 2, y + h / 2)
+    hits = cache_counter(sam_setup.server, "hits")
+    x, y, w, h = _rect(browser, STAGE, "the image stage")
+    _click(browser, x + 0.5 * w, y + 0.52 * h)  # the middle of the orange disk
+
+    def rendered(state: Any) -> bool:
+        return isinstance(state, dict) and "Cat" in regions_panel(state["text"])
+
+    browser.wait_for(PAGE_STATE, rendered, "the mask from our server in the region list")
+    # the click went to our server and was answered from the cached embedding
+    assert cache_counter(sam_setup.server, "hits") > hits
+    assert cache_counter(sam_setup.server, "misses") == 1
+    save_screenshot(browser, artifacts_dir, "labeling-sam", rendered)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,43 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(
     assert job.state == "done" and job.attempts == 2
     spec = VersionStore(tmp_path / "m" / "versions").current("cli")["memo_ner:memo"]
     assert [epoch for epoch, _ in json.loads(Path(spec.path).read_text())["ran"]] == [1, 2, 3]
+
+
+def test_a_server_trainer_on_the_same_model_dir_never_takes_the_cli_job_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's trainer (idle, holding the device lock) must not claim the job before its data is written."""
+    import threading
+
+    import serving.training as training
+    from serving.settings import Settings
+    from serving.trainer import serve
+
+    config, export = files(tmp_path, export_tasks(12))
+    model_dir = tmp_path / "m"
+    stop = threading.Event()
+    server_trainer = threading.Thread(
+        target=serve,
+        args=(Settings(model_dir=str(model_dir)), families(), "cpu"),
+        kwargs={"stop": stop, "idle_s": 2.0},
+    )
+    server_trainer.start()
+    lock = model_dir / "training" / "trainer-cpu.lock"
+    while not lock.exists():  # the server's trainer holds the device lock, polling for jobs
+        assert server_trainer.is_alive()
+    written = training.write_json_atomic
+
+    def slow_write(path: Path, value: Any) -> None:
+        time.sleep(1.5)  # a large export takes a while to write
+        written(path, value)
+
+    monkeypatch.setattr(training, "write_json_atomic", slow_write)
+    argv = ["train", "--config", str(config), "--input", str(export), "--model-dir", str(model_dir)]
+    try:
+        assert cli.main([*argv, "--device", "cpu"], families=families) == cli.EXIT_OK
+    finally:
+        stop.set()
+        server_trainer.join(10)
+    (job,) = TrainingStore(model_dir / "training").jobs()
+    assert job.state == "done" and job.error is None and job.snapshot is not None
+    assert job.snapshot["examples"] == 12

@@ -109,3 +109,19 @@ def test_prediction_score_is_mean_over_regions_not_items() -> None:
 
 def test_region_ids_are_unique() -> None:
     assert len({regions.new_id() for _ in range(10000)}) == 10000
+
+
+def test_drawn_points_and_boxes_convert_to_pixels() -> None:
+    """A drawn point's percentages are of the shown image; a rotated box gives the box around its corners."""
+    assert regions.point_pct_to_px(25.0, 50.0, (640, 480)) == (160.0, 240.0)
+    assert regions.rect_pct_to_box_xyxy_px({"x": 10, "y": 20, "width": 50, "height": 25}, (200, 100)) == (
+        20.0,
+        20.0,
+        120.0,
+        45.0,
+    )
+    # 100 x 50 px turned 90 degrees clockwise about its top-left corner (20, 20)
+    box = regions.rect_pct_to_box_xyxy_px(
+        {"x": 10, "y": 20, "width": 50, "height": 50, "rotation": 90}, (200, 100)
+    )
+    assert box == pytest.approx((-30.0, 20.0, 20.0, 120.0))
