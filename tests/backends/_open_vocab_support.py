@@ -321,3 +321,53 @@ def planted_family(plants: list[Plant]) -> type[Any]:
             self.model = wrap(self.model, plants, self.tokenizer)
 
     return PlantedOpenVocab
+
+
+class BoxFillDecoder:
+    """A loaded SAM model whose mask decoder still runs, with each box's mask planted as the box itself.
+
+    The low-resolution logits are the signed distance to the box's nearest edge in the model's input
+    space (positive inside), which upsamples to the box at the original size; predicted IoU 0.9.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.calls: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        """Run the real decoder, then replace its masks."""
+        out = self.model(**kwargs)
+        boxes = kwargs["input_boxes"]
+        b, n_obj, n_masks, h, w = out.pred_masks.shape
+        size = float(self.model.config.prompt_encoder_config.image_size)
+        ys = (torch.arange(h, dtype=torch.float32) + 0.5) * size / h
+        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * size / w
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        logits = torch.zeros((b, n_obj, n_masks, h, w))
+        for i in range(b):
+            for o in range(n_obj):
+                x0, y0, x1, y1 = (float(v) for v in boxes[i, o])
+                logits[i, o] = torch.minimum(torch.minimum(xx - x0, x1 - xx), torch.minimum(yy - y0, y1 - yy))
+        out.pred_masks = logits.to(out.pred_masks.device)
+        out.iou_scores = torch.full((b, n_obj, n_masks), 0.9)
+        self.calls.append({"batch": b, "objects": n_obj, "boxes": boxes.clone()})
+        return out
+
+
+def planted_grounded_family(plants: list[Plant]) -> type[Any]:
+    """Return the real Grounded-SAM family with planted detector answers and box-filling SAM masks."""
+    from backends.grounded_sam import GroundedSamBackend
+
+    class PlantedGroundedSam(GroundedSamBackend):
+        def load(self, device: str) -> None:
+            super().load(device)
+            wrap = PlantedDino if self.detector.kind == "dino" else PlantedOwl
+            self.detector.model = wrap(self.detector.model, plants, self.detector.tokenizer)
+            assert self.sam is not None
+            self.decoder = BoxFillDecoder(self.sam.model)
+            self.sam.model = self.decoder
+
+    return PlantedGroundedSam
