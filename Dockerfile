@@ -42,7 +42,7 @@ USER 1000
 RUN python -m serving weights download \
         --model fasterrcnn_resnet50_fpn_v2 --model maskrcnn_resnet50_fpn_v2 --model keypointrcnn_resnet50_fpn \
         --model deeplabv3_resnet50 --model resnet50 --model dslim/bert-base-NER \
-        --model facebook/sam2.1-hiera-tiny
+        --model facebook/sam2.1-hiera-tiny --model grounding_dino --model owlv2
 
 VOLUME ["/data/model_dir"]
 EXPOSE 9090

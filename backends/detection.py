@@ -135,6 +135,11 @@ class DetectionBackend(TorchvisionDetectorBase):
         "fasterrcnn_mobilenet_v3_large_fpn",
     )
 
+    @classmethod
+    def default_model_for(cls, settings: Settings) -> str:
+        """Return DETECTOR when it names one of these detectors, else the family's default."""
+        return settings.detector if settings.detector in cls.supported_models else cls.default_model
+
     # ---- training (backends/_vision_train.py) ----
     @classmethod
     def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:

@@ -36,6 +36,8 @@ class ControlTag:
     attrs: Mapping[str, str] = field(default_factory=dict)
     # config label -> model labels listed in its predicted_values attribute
     predicted_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # config label -> its <Label value>, for labels named by an alias (Label Studio stores the alias)
+    label_values: Mapping[str, str] = field(default_factory=dict)
 
     def attr(self, key: str, default: str = "") -> str:
         """Return a tag attribute, looked up case-insensitively."""

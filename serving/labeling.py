@@ -94,11 +94,16 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
             continue
         labels = tuple(getattr(ctrl, "labels", None) or ())
         predicted: dict[str, tuple[str, ...]] = {}
+        label_values: dict[str, str] = {}
         for label, label_tag in (getattr(ctrl, "labels_attrs", None) or {}).items():
             raw = (label_tag.attr or {}).get("predicted_values", "")
             values = tuple(v.strip() for v in str(raw).split(",") if v.strip())
             if values:
                 predicted[label] = values
+            # the SDK names a label by its alias when it has one; keep the readable value too
+            shown = str((label_tag.attr or {}).get("value") or "").strip()
+            if shown and shown != label:
+                label_values[label] = shown
         controls.append(
             ControlTag(
                 name=ctrl.name,
@@ -107,6 +112,7 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
                 labels=labels,
                 attrs=dict(ctrl.attr or {}),
                 predicted_values=predicted,
+                label_values=label_values,
             )
         )
     return objects, controls

@@ -25,6 +25,12 @@ from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# One model loads at a time in a process: transformers' from_pretrained patches torch globally while
+# it builds a model (default dtype, meta-device construction, init functions), so two loads in
+# parallel threads corrupt each other ("Cannot copy out of meta tensor"; seen with Grounded-SAM's
+# detector and the interactive SAM family of one config loading at once).
+_LOAD_LOCK = threading.Lock()
+
 
 class Resolver(Protocol):
     """What the runtime needs from serving/data.py."""
@@ -192,7 +198,8 @@ class Runtime:
         started = time.perf_counter()
         backend = slot.backend
         try:
-            backend.load(self.device)
+            with _LOAD_LOCK:
+                backend.load(self.device)
             backend.device = getattr(backend, "device", None) or self.device
             max_batch = self.settings.max_batch_size or type(backend).max_batch_size
             slot.batcher = Batcher(

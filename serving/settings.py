@@ -57,6 +57,10 @@ class Settings:
     tessdata_dir: str = ""  # extra place to look for Tesseract language data
     easyocr_model_dir: str = ""  # extra place to look for EasyOCR weights
     sam_model: str = ""  # "" = facebook/sam2.1-hiera-tiny; a SAM / SAM 2 id or a save_pretrained() folder
+    # Rectangle tags that name no model: "" = torchvision's detector; an open-vocabulary model name
+    # (grounding_dino, owlv2, ...) or a torchvision detector name makes that the default.
+    detector: str = ""
+    text_threshold: float = 0.25  # Grounding DINO: every token of a label's phrase must score this
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
