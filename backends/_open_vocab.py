@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends import _hf as hf
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,12 +31,6 @@ log = logging.getLogger(__name__)
 
 # transformers model_type -> how we run it
 MODEL_KINDS = {"grounding-dino": "dino", "mm-grounding-dino": "dino", "owlv2": "owl"}
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 # A model_name may say explicitly that it is ours: open_vocab:<id or folder>.
 PREFIX = "open_vocab:"
 # Hugging Face ids we take for open-vocabulary models even before their files are fetched.
@@ -102,37 +98,14 @@ def source_of(name: str, path: str, model_dir: str) -> str:
     return known.repo if known else bare
 
 
-def _hf_cached(repo_id: str, filename: str) -> str | None:
-    """Return the Hugging Face cache path of one file of a repo when it is cached (never the network)."""
-    if not re.match(r"^[\w.-]+(/[\w.-]+)?$", repo_id):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, filename)
-    except Exception:
-        return None
-    return found if isinstance(found, str) else None
-
-
 def local_folder(source: str, model_dir: str = "") -> Path | None:
     """Return the local folder holding `source`'s config.json: a folder, one under MODEL_DIR, or the HF cache."""
-    candidates = [Path(source).expanduser()]
-    if model_dir and not Path(source).is_absolute():
-        candidates += [Path(model_dir) / source, Path(model_dir) / source.rsplit("/", 1)[-1]]
-    for folder in candidates:
-        try:
-            if folder.is_dir() and (folder / "config.json").is_file():
-                return folder
-        except OSError:
-            continue
-    cached = _hf_cached(source, "config.json")
-    return Path(cached).parent if cached else None
+    return hf.checkpoint_folder(source, model_dir)
 
 
 def weights_present(folder: Path) -> bool:
     """Return True when a save_pretrained() folder holds model weights."""
-    return any((folder / name).is_file() for name in WEIGHT_FILES)
+    return hf.weights_file(folder) is not None
 
 
 def model_type(folder: Path) -> str:

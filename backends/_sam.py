@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backends import _hf as hf
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -44,7 +46,6 @@ SAM1_MODELS = (
 KNOWN_MODELS = SAM2_MODELS + SAM1_MODELS
 # Other checkpoints of the same architectures (e.g. a fine-tuned "org/sam2.1-hiera-large-cells").
 _NAME_PATTERN = re.compile(r"(^|/)(sam2(\.\d+)?[-_]hiera|sam[-_]vit|slimsam|medsam)", re.IGNORECASE)
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # The pad label transformers' SAM prompt encoders skip (a point slot that is not a point).
 PAD_LABEL = -10
@@ -58,47 +59,16 @@ def is_sam_name(name: str) -> bool:
 # ---- where the weights are (no network) ----
 
 
-def local_folder(source: str, model_dir: str = "") -> Path | None:
-    """Return a local save_pretrained() folder for `source` (a path, or a name under MODEL_DIR), if any."""
-    candidates = [Path(source).expanduser()]
-    if model_dir:
-        root = Path(model_dir)
-        candidates += [root / source, root / source.rsplit("/", 1)[-1]]
-    for folder in candidates:
-        try:
-            if folder.is_dir() and (folder / "config.json").is_file():
-                return folder
-        except OSError:
-            continue
-    return None
-
-
-def _hf_cached(repo_id: str, filename: str) -> str | None:
-    """Return the Hugging Face cache path of a repo file when it is cached (no network), else None."""
-    if not re.match(r"^[\w.-]+/[\w.-]+$", repo_id):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, filename)
-    except Exception:
-        return None
-    return found if isinstance(found, str) else None
-
-
 def checkpoint_folder(source: str, model_dir: str = "") -> Path | None:
     """Return the folder holding config, processor config and weights of a checkpoint, or None.
 
     A local folder (model_path, or MODEL_DIR/<name>) first, else the Hugging Face cache snapshot
     that `python -m serving weights download` fills.
     """
-    folder = local_folder(source, model_dir)
+    folder = hf.checkpoint_folder(source, model_dir)
     if folder is None:
-        config = _hf_cached(source, "config.json")
-        if config is None:
-            return None
-        folder = Path(config).parent
-    has_weights = any((folder / f).is_file() for f in WEIGHT_FILES)
+        return None
+    has_weights = hf.weights_file(folder) is not None
     has_processor = any((folder / f).is_file() for f in PROCESSOR_FILES)
     return folder if has_weights and has_processor else None
 

