@@ -197,6 +197,9 @@ def create_app(
                 params=params,
                 project=project,
                 authorization=request.headers.get("Authorization"),
+                local=lambda chunk: model.predict(
+                    chunk, context=context, label_config=config, project=str(project) if project else None
+                ),
             )
             model.seen.add(config)
             return jsonify({"results": results})

@@ -83,7 +83,7 @@ class Metrics:
 
         self.split_chunks = Counter(
             "lsml_split_chunks_total",
-            "Chunks of big /predict requests forwarded to the replicas, by outcome",
+            "Chunks of big /predict requests, by outcome (local: answered by the replica that split it)",
             ["outcome"],
             registry=self.registry,
         )

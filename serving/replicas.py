@@ -2,9 +2,12 @@
 
 Label Studio's Data Manager "Retrieve predictions" sends every selected task in one request, which a
 load balancer cannot split: one replica would answer it alone while the others idle. A replica that
-receives more than SPLIT_MIN_TASKS tasks cuts them into SPLIT_WAYS contiguous chunks, posts them to
-REPLICA_URLS in parallel (the nginx in front of the replicas, or each replica's own URL), and merges
-the answers in order: exactly one entry per task, whatever happens. A chunk that fails on every
+receives more than SPLIT_MIN_TASKS tasks cuts them into SPLIT_WAYS contiguous chunks, answers the
+first chunk itself and posts the others to REPLICA_URLS in parallel (the nginx in front of the
+replicas, or each replica's own URL), and merges the answers in order: exactly one entry per task,
+whatever happens. Answering one chunk in place keeps this replica busy instead of waiting, and with
+nginx's least_conn the forwarded chunks go to the other replicas (this one already holds a
+connection: the big request). A chunk that fails on every
 replica it is tried on becomes one error entry per task, without "result" (Label Studio then asks for
 those tasks again, as for any failed task). Forwarded chunks carry the X-LSML-Forwarded header and
 are never split again, so a replica that forwards to itself or to the load balancer cannot loop.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,8 +73,9 @@ class Splitter:
         params: Any = None,
         project: Any = None,
         authorization: str | None = None,
+        local: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Return one entry per task, in order, from chunks answered by the replicas in parallel."""
+        """Return one entry per task, in order: the first chunk from `local` (this replica), the rest forwarded."""
         assert self._pool is not None, "Splitter.predict needs REPLICA_URLS"
         deadline = time.monotonic() + self.timeout_s
         headers = {FORWARDED_HEADER: "1"}
@@ -79,11 +83,24 @@ class Splitter:
             headers["Authorization"] = authorization  # the replicas share the basic auth credentials
         base = {"label_config": label_config, "params": params, "project": project}
         bounds = chunk_bounds(len(tasks), self.ways)
+        remote = bounds[1:] if local is not None else bounds
+        offset = len(bounds) - len(remote)
         futures = [
             self._pool.submit(self._chunk, k, list(tasks[a:b]), base, headers, deadline, version)
-            for k, (a, b) in enumerate(bounds)
+            for k, (a, b) in enumerate(remote, start=offset)
         ]
         merged: list[dict[str, Any]] = []
+        if local is not None:
+            a, b = bounds[0]
+            try:
+                first = local(list(tasks[a:b]))
+                if len(first) != b - a:
+                    raise RuntimeError(f"{len(first)} predictions for {b - a} tasks")
+                self._count("local")
+            except Exception as exc:  # overloaded here (503), or a bug: another replica may still answer
+                log.warning("split chunk 0 (%d tasks) failed here (%s); forwarding it", b - a, exc)
+                first = self._chunk(0, list(tasks[a:b]), base, headers, deadline, version)
+            merged.extend(first)
         for fut in futures:
             merged.extend(fut.result())
         log.info("split %d tasks into %d chunks over %s", len(tasks), len(bounds), ", ".join(self.urls))

@@ -66,6 +66,7 @@ def test_the_compose_file_is_valid_and_pins_one_gpu_per_replica(tmp_path: Path) 
     assert upstream is not None
     directives = [line.split("#")[0].strip() for line in conf.splitlines()]
     assert "least_conn;" in upstream.group(1) and not any(d.startswith("ip_hash") for d in directives)
+    assert "zone ml_backend" in upstream.group(1)  # least_conn counts shared by the worker processes
     assert re.findall(r"server (ml-gpu\d+):9090", upstream.group(1)) == sorted(replicas)
     timeouts = [int(t) for t in re.findall(r"proxy_read_timeout (\d+)s;", conf)]
     assert timeouts and min(timeouts) > 100  # Label Studio waits 100 s for /predict

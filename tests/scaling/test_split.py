@@ -101,11 +101,15 @@ def test_a_big_request_is_split_over_the_replicas_and_merged_in_order(
     assert [spans(p) for p in split] == [spans(p) for p in alone]
     assert [spans(p)[0][0] for p in split] == [f"Person{i}" for i in range(101)]
     assert {p["model_version"] for p in split} == {alone[0]["model_version"]}
-    # four chunks of 25-26 tasks, two per replica, each marked as forwarded, basic auth passed on
+    # four chunks of 25-26 tasks: the first answered here, the other three forwarded (chunk k starts at
+    # REPLICA_URLS[k % 2]), each marked as forwarded, basic auth passed on
     calls = sorted(c for r in replicas for c in r.calls)
-    assert [c[0] for c in calls] == [25, 25, 25, 26]
-    assert all(len(r.calls) == 2 for r in replicas)
+    assert [c[0] for c in calls] == [25, 25, 26]
+    assert [len(r.calls) for r in replicas] == [1, 2]
     assert {(c[1], c[2]) for c in calls} == {("1", "Basic dTpw")}
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'lsml_split_chunks_total{outcome="local"} 1.0' in metrics
+    assert 'lsml_split_chunks_total{outcome="ok"} 3.0' in metrics
     assert client.get("/versions").get_json()["versions"] == [alone[0]["model_version"]]
     app.extensions["lsml_jobs"].close()
 
@@ -152,7 +156,8 @@ def test_a_dead_replica_s_chunks_go_to_the_live_one(replicas: list[Replica], tmp
         .get_json()["results"]
     )
     assert [spans(p)[0][0] for p in results] == [f"Person{i}" for i in range(40)]
-    assert sorted(c[0] for c in replicas[0].calls) == [20, 20]
+    # chunk 0 is answered here; chunk 1 tries the dead replica, then the live one
+    assert [c[0] for c in replicas[0].calls] == [20]
     app.extensions["lsml_jobs"].close()
 
 
@@ -166,7 +171,7 @@ def test_a_chunk_no_replica_answers_becomes_per_task_errors_without_result(tmp_p
     threading.Thread(target=liar_server.serve_forever, daemon=True).start()
     liar_url = f"http://127.0.0.1:{liar_server.server_port}"
     app = front(tmp_path, [live.url, liar_url, f"http://127.0.0.1:{free_port()}"], split_ways=3)
-    # chunk k starts at REPLICA_URLS[k]: chunk 0 -> live; chunk 1 -> liar, then the dead one, then live
+    # chunk 0 is answered here; chunk k starts at REPLICA_URLS[k]: chunk 1 -> liar, the dead one, live
     try:
         results = (
             app.test_client()
@@ -174,24 +179,26 @@ def test_a_chunk_no_replica_answers_becomes_per_task_errors_without_result(tmp_p
             .get_json()["results"]
         )
         assert len(results) == 30
-        assert all("result" in p for p in results[:20])  # chunks 0 and 1 (live on its third try)
+        assert all("result" in p for p in results[:20])  # chunk 0 here, chunk 1 live on its third try
         # chunk 2: the dead one, then live (so it succeeds too) -- every chunk found a live replica
         assert all("result" in p for p in results[20:])
         assert [spans(p)[0][0] for p in results] == [f"Person{i}" for i in range(30)]
 
-        # with the live replica gone as well, the chunks that only reach the liar and the dead end fail
+        # with the live replica gone as well, the chunk that only reaches the liar and the dead end fails
         app2 = front(tmp_path / "b", [liar_url, f"http://127.0.0.1:{free_port()}"], split_ways=2)
-        failed = (
+        answered = (
             app2.test_client()
             .post("/predict", json={"tasks": tasks(30), "label_config": CONFIG})
             .get_json()["results"]
         )
-        assert len(failed) == 30
+        assert len(answered) == 30
+        assert [spans(p)[0][0] for p in answered[:15]] == [f"Person{i}" for i in range(15)]  # here
+        failed = answered[15:]
         assert all("result" not in p and p["model_version"] for p in failed)
         assert "answered 1 predictions for 15 tasks" in failed[0]["error"]
         assert "ConnectionError" in failed[0]["error"]
         metrics = app2.test_client().get("/metrics").get_data(as_text=True)
-        assert 'lsml_split_chunks_total{outcome="failed"} 2.0' in metrics
+        assert 'lsml_split_chunks_total{outcome="failed"} 1.0' in metrics
         app2.extensions["lsml_jobs"].close()
     finally:
         live.close()
@@ -222,16 +229,41 @@ def test_a_chunk_a_replica_refuses_is_not_sent_elsewhere(replicas: list[Replica]
     server = make_server("127.0.0.1", 0, refuser, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        app = front(tmp_path / "b", [f"http://127.0.0.1:{server.server_port}", replicas[0].url], split_ways=2)
+        # chunk 0 is answered here; chunk 1 goes to REPLICA_URLS[1], the refuser
+        app = front(tmp_path / "b", [replicas[0].url, f"http://127.0.0.1:{server.server_port}"], split_ways=2)
         results = (
             app.test_client()
             .post("/predict", json={"tasks": tasks(30), "label_config": CONFIG})
             .get_json()["results"]
         )
         assert len(refused) == 1  # a 4xx is the same answer on every replica: not retried
-        assert all("result" not in p and "weights missing" in p["error"] for p in results[:15])
-        assert [spans(p)[0][0] for p in results[15:]] == [f"Person{i}" for i in range(15, 30)]
+        assert [spans(p)[0][0] for p in results[:15]] == [f"Person{i}" for i in range(15)]
+        assert all("result" not in p and "weights missing" in p["error"] for p in results[15:])
+        assert not replicas[0].calls
         app.extensions["lsml_jobs"].close()
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_chunk_this_replica_cannot_answer_is_forwarded(
+    replicas: list[Replica], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first chunk is answered in place; when that fails here (overloaded), a replica answers it."""
+    from serving.errors import Overloaded
+
+    app = front(tmp_path, [r.url for r in replicas], split_ways=2)
+    model = app.extensions["lsml_model"]
+
+    def overloaded(*args: Any, **kwargs: Any) -> Any:
+        raise Overloaded("queue full", retry_after_s=1)
+
+    monkeypatch.setattr(model, "predict", overloaded)
+    results = (
+        app.test_client()
+        .post("/predict", json={"tasks": tasks(30), "label_config": CONFIG})
+        .get_json()["results"]
+    )
+    assert [spans(p)[0][0] for p in results] == [f"Person{i}" for i in range(30)]
+    assert sorted(c[0] for r in replicas for c in r.calls) == [15, 15]
+    app.extensions["lsml_jobs"].close()
