@@ -29,7 +29,7 @@ _TASK = {
 }
 
 _PREDICTION = {
-    "oneOf": [
+    "anyOf": [
         {
             "type": "object",
             "description": "The models ran on the task (an empty result: they found nothing)",
@@ -45,7 +45,6 @@ _PREDICTION = {
             "type": "object",
             "description": "The task failed: no result, so Label Studio stores nothing and asks again later",
             "required": ["model_version", "error"],
-            "not": {"required": ["result"]},
             "properties": {"model_version": {"type": "string"}, "error": {"type": "string"}},
         },
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ from hypothesis import HealthCheck, settings
 from tests.support.app import fake_app
 
 APP = fake_app(Path(tempfile.mkdtemp(prefix="lsml-fuzz-")))
+# schemathesis builds its coverage cases while this module is collected, through hypothesis's lambda
+# descriptions (linecache, ast.parse); the runtime's background import of label_studio_sdk running at
+# the same moment made that fail now and then (KeyError / "AST constructor recursion depth mismatch").
+for _thread in threading.enumerate():
+    if _thread.name == "preimport":
+        _thread.join(timeout=60)
 schema = schemathesis.openapi.from_wsgi("/openapi.json", APP)
 
 
