@@ -32,6 +32,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from serving.errors import BadRequest, ConfigError, InputError, NotFound, Overloaded, ServingError
 from serving.settings import Settings
+from serving.sqlitedb import connect_wal
 
 if TYPE_CHECKING:
     from serving.data import Shrink
@@ -80,12 +81,7 @@ class JobStore:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise NotFound(f"no job store at {self.path}")
-        self.conn = sqlite3.connect(
-            str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
-        )
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a killed process (only a power loss can drop the last commits).
-        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn = connect_wal(self.path, 60.0, check_same_thread=False)
         if create:
             for statement in self.SCHEMA:
                 self.conn.execute(statement)

@@ -49,6 +49,7 @@ from serving.contract import (
 )
 from serving.errors import BadRequest, InputError, NotFound
 from serving.settings import Settings
+from serving.sqlitedb import connect_wal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -245,9 +246,7 @@ class TrainingStore:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = connect_wal(self.path, 60.0)
             if not self._ready:
                 for statement in self.SCHEMA:
                     conn.execute(statement)

@@ -293,7 +293,11 @@ def test_a_folder_under_versions_that_is_not_a_project_does_not_break_versions(t
 
 
 def test_a_split_request_of_a_trained_project_answers_its_trained_version(tmp_path: Path) -> None:
-    """A big /predict split over replicas that all fail: the per-task errors carry the version /setup gave."""
+    """A big /predict split over a dead replica: every entry carries the version /setup gave (the trained one).
+
+    The replica that splits answers the first chunk itself; the chunk it forwards fails (nothing
+    listens there) and comes back as per-task errors, of that same version.
+    """
     port = _free_port()  # nothing listens: every chunk fails
     app, model, _ = make_app(
         tmp_path, replica_urls=(f"http://127.0.0.1:{port}",), split_ways=2, split_min_tasks=4
@@ -308,9 +312,9 @@ def test_a_split_request_of_a_trained_project_answers_its_trained_version(tmp_pa
     tasks = [{"id": i, "data": {"text": "Ann takes Bravocel."}} for i in range(6)]
     body = {"tasks": tasks, "label_config": CONFIG, "project": "2.1795429160"}
     results = client.post("/predict", json=body).json["results"]
-    assert len(results) == 6 and all(
-        "result" not in r and "failed on the replicas" in r["error"] for r in results
-    )
+    assert len(results) == 6
+    assert all("result" in r for r in results[:3])  # answered here, by the trained model
+    assert all("result" not in r and "failed on the replicas" in r["error"] for r in results[3:])
     assert {r["model_version"] for r in results} == {job.model_version}
     model.close()
 
