@@ -21,7 +21,7 @@ def worker_exit(server: object, worker: object) -> None:
     """On a worker's exit, let batch jobs and forwards in progress end (within graceful_timeout)."""
     from flask import Flask
 
-    from serving.app import shutdown
+    from serving.http.app import shutdown
 
     app = getattr(worker, "wsgi", None)
     if isinstance(app, Flask):

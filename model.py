@@ -12,10 +12,11 @@ from typing import Any
 from flask import Flask
 
 from backends import registry
-from serving.app import create_app as _create_app
 from serving.contract import Backend
-from serving.runtime import Runtime
-from serving.service import ModelService
+from serving.http.app import create_app as _create_app
+from serving.inference.build import build_runtime as _build_runtime
+from serving.inference.runtime import Runtime
+from serving.service.model import ModelService
 from serving.settings import Settings
 
 
@@ -25,8 +26,8 @@ def families() -> dict[str, type[Backend]]:
 
 
 def build_runtime(settings: Settings, **kwargs: Any) -> Runtime:
-    """Return a runtime over every model family (kwargs: resolver, metrics)."""
-    return Runtime(settings, families(), **kwargs)
+    """Return a runtime over every model family (kwargs: roots, resolver, metrics; see serving.inference.build)."""
+    return _build_runtime(settings, families, **kwargs)
 
 
 class MLModel(ModelService):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from serving.contract import Example, ModelSpec, Target, TrainingRun, TrainResult
-from serving.training import precision_recall_f1, split_holdout
+from serving.training.examples import precision_recall_f1, split_holdout
 
 log = logging.getLogger(__name__)
 

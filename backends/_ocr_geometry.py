@@ -1,6 +1,6 @@
 """Pure geometry of OCR lines: reading order, fragment merging, crops of drawn regions, line bands.
 
-Pixel units throughout; percent conversion happens only in serving/regions.py.
+Pixel units throughout; percent conversion happens only in serving/results/regions.py.
 """
 
 from __future__ import annotations

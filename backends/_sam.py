@@ -2,7 +2,7 @@
 
 Shared by the families that turn prompts into masks (backends/sam.py: clicks and boxes from Label
 Studio; an open-vocabulary detector's boxes next). The split follows the model: `encode` runs the
-image encoder once per image (the expensive part, cached per process by serving/embeddings.py);
+image encoder once per image (the expensive part, cached per process by serving/util/embeddings.py);
 `decode` runs the prompt encoder and mask decoder on cached embeddings, for many prompts and many
 images in one call. Coordinates here are pixels of the original image; the conversion to the
 model's input space and the masks back to the original size happen here, the same way the

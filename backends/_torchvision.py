@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from serving.contract import LabelMap, ModelSpec, Target, weights_fingerprint
-from serving.regions import LABELED_GEOMETRY
+from serving.results.regions import LABELED_GEOMETRY
 
 if TYPE_CHECKING:
     import torch
@@ -575,7 +575,7 @@ def _mask_crops(
     return crops
 
 
-# ---- the weights CLI's hooks (serving/weights.py calls these on every family that has them) ----
+# ---- the weights CLI's hooks (serving/cli/weights.py calls these on every family that has them) ----
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from backends import _torchvision as tv
 from serving.contract import Example, TrainingRun, TrainResult
-from serving.training import precision_recall_f1, split_holdout
+from serving.training.examples import precision_recall_f1, split_holdout
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from backends import _torchvision as tv
-from serving import regions
 from serving.contract import Backend, Item, LabelMap, ModelSpec, Target, TrainingRun, TrainResult
+from serving.results import regions
 
 if TYPE_CHECKING:
     from serving.settings import Settings

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from backends import _torchvision as tv
-from serving import regions
 from serving.contract import (
     Backend,
     Claim,
@@ -24,6 +23,7 @@ from serving.contract import (
     TrainingRun,
     TrainResult,
 )
+from serving.results import regions
 
 if TYPE_CHECKING:
     from serving.settings import Settings
@@ -145,7 +145,7 @@ class DetectionBackend(TorchvisionDetectorBase):
     def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:
         """Return None when this detector can be fine-tuned here, else why not (GPU, or TRAIN_ALLOW_CPU)."""
         from backends import _vision_train
-        from serving.training import training_device
+        from serving.training.names import training_device
 
         reason = _vision_train.detector_trainable(spec.name) or cls.availability(spec, settings)
         if reason:

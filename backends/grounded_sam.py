@@ -10,7 +10,7 @@ SAM 2 id or folder), else SAM_MODEL, else facebook/sam2.1-hiera-tiny.
 Per image, the detector finds the tag's labels exactly as backends/open_vocab.py does (prompts from
 the labels, span/query -> label, thresholds, per-label NMS, MAX_DETECTIONS); every kept box becomes
 one SAM box prompt on ONE image embedding, one mask per box, and the region carries the detector's
-label and score. The embedding goes through the process-wide cache (serving/embeddings.py) under
+label and score. The embedding goes through the process-wide cache (serving/util/embeddings.py) under
 the interactive SAM family's key for the same checkpoint, so an annotator's clicks on that image
 afterwards (backends/sam.py) reuse it, and the other way round.
 """
@@ -28,10 +28,10 @@ from backends._torchvision import float_option
 from backends.open_vocab import OpenVocabBackend, OvDetections, OvInput
 from backends.sam import SamBackend, image_identity
 from backends.segmentation import BRUSH_TAGS, DEFAULT_POLYGON_TOLERANCE_PX, POLYGON_TAGS, mask_polygon_px
-from serving import regions
 from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 from serving.errors import InputError
-from serving.rle import crops_to_rle
+from serving.results import regions
+from serving.results.rle import crops_to_rle
 
 if TYPE_CHECKING:
     from PIL import Image

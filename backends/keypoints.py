@@ -16,8 +16,8 @@ from typing import Any
 
 from backends import _torchvision as tv
 from backends.detection import TorchvisionDetectorBase
-from serving import regions
 from serving.contract import Item, Target
+from serving.results import regions
 
 log = logging.getLogger(__name__)
 

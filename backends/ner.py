@@ -3,7 +3,7 @@
 Tags filled: `Labels` on `Text`; `HyperTextLabels` (or `Labels`) on `HyperText`; `ParagraphLabels` on
 `Paragraphs` (Label Studio 1.23.2's Paragraphs regions accept no plain `Labels`). Items of all three go
 through one forward: a HyperText page is one text (its visible text, blocks separated by blank lines), a
-dialogue is one text per paragraph; serving/hypertext.py maps spans back to XPaths and offsets.
+dialogue is one text per paragraph; serving/results/hypertext.py maps spans back to XPaths and offsets.
 
 Two engines, chosen per tag by `model_name` (or `model_path`), else by the NER_ENGINE setting:
 
@@ -41,7 +41,6 @@ import numpy as np
 
 from backends import _hf as hf
 from backends._ner_decode import RawSpan, TagScheme, Window, aggregate, merge_windows
-from serving import hypertext, regions
 from serving.contract import (
     Backend,
     Claim,
@@ -55,6 +54,7 @@ from serving.contract import (
     weights_fingerprint,
 )
 from serving.errors import InputError
+from serving.results import hypertext, regions
 
 log = logging.getLogger(__name__)
 

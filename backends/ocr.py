@@ -33,7 +33,6 @@ from backends._ocr_geometry import (
     points_pct_to_px,
     rect_pct_to_quad_px,
 )
-from serving import regions
 from serving.contract import (
     Backend,
     Claim,
@@ -45,6 +44,7 @@ from serving.contract import (
     weights_fingerprint,
 )
 from serving.errors import InputError, ModelUnavailable
+from serving.results import regions
 
 if TYPE_CHECKING:
     from serving.settings import Settings

@@ -29,7 +29,6 @@ import numpy as np
 
 from backends import _open_vocab as ov
 from backends import _torchvision as tv
-from serving import regions
 from serving.contract import (
     Backend,
     Claim,
@@ -41,6 +40,7 @@ from serving.contract import (
     weights_fingerprint,
 )
 from serving.errors import InputError
+from serving.results import regions
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ The prompts are the regions of an interactive call (`params.context.result`): ev
 image is one click (positive unless the region's `is_positive` or `value.positive` says false,
 Label Studio's Alt+click); a rectangle is a box; clicks and one box make one object, several boxes
 one object each (a click joins the smallest box around it). The image's embedding is computed once
-and kept (serving/embeddings.py), so each later click only runs the prompt encoder and the mask
+and kept (serving/util/embeddings.py), so each later click only runs the prompt encoder and the mask
 decoder, batched across annotators by the model's batcher. A plain /predict answers nothing for
 these tags (a prompt is the input) and, for one task (Label Studio opening it), encodes its image
 in the background so the first click is already warm.
@@ -31,7 +31,6 @@ from backends import _sam
 from backends._torchvision import WeightStatus, float_option
 from backends.detection import link_sibling_labels
 from backends.segmentation import BRUSH_TAGS, DEFAULT_POLYGON_TOLERANCE_PX, POLYGON_TAGS, mask_polygon_px
-from serving import regions
 from serving.contract import (
     Backend,
     Claim,
@@ -43,7 +42,8 @@ from serving.contract import (
     weights_fingerprint,
 )
 from serving.errors import InputError
-from serving.rle import crops_to_rle
+from serving.results import regions
+from serving.results.rle import crops_to_rle
 
 if TYPE_CHECKING:
     from PIL import Image

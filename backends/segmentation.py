@@ -23,9 +23,9 @@ import numpy as np
 
 from backends import _torchvision as tv
 from backends.detection import TorchvisionDetectorBase, link_sibling_labels
-from serving import regions
 from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
-from serving.rle import crops_to_rle
+from serving.results import regions
+from serving.results.rle import crops_to_rle
 
 if TYPE_CHECKING:
     import torch

@@ -27,8 +27,9 @@ from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from bench.bench_e2e import serve_files
 from serving.contract import Backend, Item, ModelSpec, ObjectTag
-from serving.data import ORIGINAL_SIZE, DataResolver
-from serving.lsclient import LabelStudioClient
+from serving.fetch.decode import ORIGINAL_SIZE
+from serving.fetch.lsclient import LabelStudioClient
+from serving.fetch.resolver import DataResolver
 from serving.settings import Settings
 
 log = logging.getLogger("bench_decode")

@@ -7,7 +7,7 @@ blocks, inline tags across names, lists and a table. Rows (pages/s, same pages, 
 another in this process, spaCy's offline en_core_web_sm on the CPU):
 - engine_on_texts: NerBackend's engine alone on the visible texts extracted beforehand (batches of
   --batch-size), i.e. what NER on plain text would cost.
-- html_model: serving.hypertext alone: parse each page (cache cleared) and map every entity found by
+- html_model: serving.results.hypertext alone: parse each page (cache cleared) and map every entity found by
   the engine row to its XPath range; the cost the HTML adds, without the model.
 - predict_app: POST /predict with every page in one request through create_app's test client (parse,
   batcher, engine, XPath mapping, validation of every region against the page, JSON).
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backends.ner import SPACY_DEFAULT, NerBackend
 from bench._common import write_report
 from serving.contract import ModelSpec
-from serving.hypertext import parse_html
+from serving.results.hypertext import parse_html
 from serving.settings import Settings
 
 log = logging.getLogger("bench_hypertext")
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         mapped += sum(doc.span(s.start, s.end) is not None for s in found)
     rows["html_model"] = len(pages) / (time.perf_counter() - started)
 
-    from serving.app import create_app
-    from serving.runtime import Runtime
+    from serving.http.app import create_app
+    from serving.inference.runtime import Runtime
 
     parse_html.cache_clear()
     with tempfile.TemporaryDirectory() as tmp:

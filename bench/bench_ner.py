@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     rows["backend_batched"] = len(texts) / timed(lambda: run_backend(backend, texts, args.batch_size), device)
     rows["per_task_loop"] = len(loop_texts) / timed(lambda: run_backend(backend, loop_texts, 1), device)
 
-    from serving.app import create_app
-    from serving.runtime import Runtime
+    from serving.http.app import create_app
+    from serving.inference.runtime import Runtime
 
     config = (
         f'<View><Labels name="ner" toName="text" model_name="{model_name}">'

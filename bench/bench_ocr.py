@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows["per_task_loop"] = len(loop_arrays) / timed(lambda: run_backend(backend, loop_arrays, 1), device)
 
-    from serving.app import create_app
-    from serving.runtime import Runtime
+    from serving.http.app import create_app
+    from serving.inference.runtime import Runtime
 
     pngs = []
     for page in pages:

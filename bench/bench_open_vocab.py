@@ -156,7 +156,7 @@ def main() -> None:
     from backends.open_vocab import OpenVocabBackend, encode_dino_text
     from bench.bench_vision import make_jpegs
     from serving.contract import Item, LabelMap, ModelSpec, ObjectTag, Target
-    from serving.labeling import parse_config
+    from serving.plan.planner import parse_config
     from serving.settings import Settings
 
     torch.set_flush_denormal(True)  # random weights make denormal floats, which crawl on CPU

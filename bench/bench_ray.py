@@ -34,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model
 from bench._common import write_report
-from serving import cli
-from serving.engines.ray import RayJobRunner, RayOptions
-from serving.jobs import JobRunner, JobStore, create_store
+from serving.cli.predict import remove_state, write_output
+from serving.inference.build import build_runtime
+from serving.jobs.engines.ray import RayJobRunner, RayOptions
+from serving.jobs.runner import JobRunner
+from serving.jobs.store import JobStore, create_store
 from serving.settings import Settings
 
 log = logging.getLogger("bench_ray")
@@ -120,7 +122,7 @@ def run(
     folder = source if source.is_dir() else source.parent
     settings = settings.with_(batch_input_root=str(folder), predict_timeout_s=3600.0)
     state = out.with_name(out.name + ".state")
-    cli.remove_state(state)
+    remove_state(state)
     create_store(state, config.read_text(), input_path=source, job_id="bench").close()
     marks: list[tuple[float, int]] = []
 
@@ -130,7 +132,7 @@ def run(
     started = time.perf_counter()
     runtime = None
     if actors == 0:
-        runtime = cli.build_runtime(settings, [folder], model.families)
+        runtime = build_runtime(settings, model.families, roots=[folder])
         runner: JobRunner = JobRunner(settings, runtime.predict, chunk_size=batch)
     else:
         options = RayOptions(
@@ -153,10 +155,10 @@ def run(
         )
     store = JobStore(state)
     try:
-        cli.write_output(store, out)
+        write_output(store, out)
     finally:
         store.close()
-    cli.remove_state(state)
+    remove_state(state)
     done = [(t, d) for t, d in marks if d > 0]
     (t0, d0), (t1, d1) = done[0], done[-1]
     n = d1

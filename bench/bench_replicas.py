@@ -33,7 +33,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import write_report
-from serving.replicas import FORWARDED_HEADER
+from serving.scale.replicas import FORWARDED_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
-from serving.rle import crop_to_rle, crops_to_rle, mask_to_rle
+from serving.results.rle import crop_to_rle, crops_to_rle, mask_to_rle
 
 log = logging.getLogger("bench_rle")
 

@@ -35,9 +35,9 @@ from bench._common import log, write_report
 def webhook_latency(n: int, root: Path) -> dict[str, Any]:
     """Return latency statistics of n START_TRAINING webhooks that all coalesce into one job."""
     from model import families
-    from serving.app import create_app
-    from serving.runtime import Runtime
-    from serving.service import ModelService
+    from serving.http.app import create_app
+    from serving.inference.runtime import Runtime
+    from serving.service.model import ModelService
     from serving.settings import Settings
     from tests.support import ner_corpus as nc
 
@@ -87,11 +87,13 @@ def ner_training(n: int, root: Path, device: str, model_name: str = "", epochs: 
     """Train NER on n templated texts through run_job; return time, rate and held-out Drug F1."""
     from backends.ner import SPACY_DEFAULT, NerBackend
     from serving.contract import ModelSpec
-    from serving.runtime import Runtime
-    from serving.service import ModelService
+    from serving.inference.runtime import Runtime
+    from serving.service.model import ModelService
     from serving.settings import Settings
-    from serving.trainer import run_job
-    from serving.training import TrainingStore, VersionStore, write_json_atomic
+    from serving.training.job import run_job
+    from serving.training.store import TrainingStore
+    from serving.training.versions import VersionStore
+    from serving.util.files import write_json_atomic
     from tests.support import ner_corpus as nc
 
     config = nc.CONFIG
@@ -141,8 +143,10 @@ def detection_training(name: str, images: int, root: Path, device: str) -> dict[
     from backends.detection import DetectionBackend
     from serving.contract import ModelSpec
     from serving.settings import Settings
-    from serving.trainer import run_job
-    from serving.training import TrainingStore, VersionStore, write_json_atomic
+    from serving.training.job import run_job
+    from serving.training.store import TrainingStore
+    from serving.training.versions import VersionStore
+    from serving.util.files import write_json_atomic
     from tests.backends.test_training_vision import box_tasks, detection_config
 
     cfg = Settings(model_dir=str(root / "det"), train_epochs=2, train_device=device, train_allow_cpu=True)

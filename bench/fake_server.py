@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from serving.app import create_app
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 from tests.support.fakes import FAMILIES, FakeNER, FakeResolver
 

@@ -3,6 +3,6 @@
 import sys
 
 from model import families
-from serving.cli import main
+from serving.cli.main import main
 
 sys.exit(main(families=families))

@@ -4,7 +4,7 @@ It lives in serving/ so that dependencies point one way: backends/ implement it 
 serving/; serving/ never imports backends/ (the composition root, model.py, hands the registry
 in). A backend never reads the environment, never sees Flask and never talks to Label Studio:
 it gets decoded items, runs its model, and turns outputs into Label Studio result items
-through serving/regions.py.
+through serving/results/regions.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from serving.embeddings import EmbeddingCache
     from serving.settings import Settings
+    from serving.util.embeddings import EmbeddingCache
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ class TrainCancelled(Exception):
 
 
 class TrainingRun(ABC):
-    """One training job as a family sees it (serving/training.py implements it).
+    """One training job as a family sees it (serving/training/run.py implements it).
 
     The family trains `spec` (the pretrained model of the config) on `examples` for the config's
     `labels`, writes the result into `output_dir`, reports progress (which raises TrainCancelled when
@@ -363,7 +363,7 @@ class Backend(ABC):
     def embedding_cache(self) -> EmbeddingCache:
         """Return the embedding cache the runtime attached, or a private one sized by the settings."""
         if self.embeddings is None:
-            from serving.embeddings import EmbeddingCache
+            from serving.util.embeddings import EmbeddingCache
 
             self.embeddings = EmbeddingCache(self.settings.embedding_cache_bytes)
         return self.embeddings

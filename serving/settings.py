@@ -78,7 +78,7 @@ class Settings:
     # Batch jobs: server-side inputs must live under this root.
     batch_input_root: str = ""
     job_chunk_size: int = 32  # tasks per committed chunk of a batch job
-    # Training on the project's annotations (serving/training.py, serving/trainer.py).
+    # Training on the project's annotations (serving/training/).
     training: bool = True  # False: /webhook only acknowledges events, as before training existed
     # Webhook actions that ask for a training job (coalesced per project and model). Label Studio
     # sends START_TRAINING for "Start Training" and, when the project trains on submission, on each

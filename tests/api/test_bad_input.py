@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from serving.app import create_app
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 from tests.support.fakes import FAMILIES, FakeBrush, reset_fakes
 from tests.support.httpserver import LocalServer, redirect, slow, static

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from serving.app import create_app
-from serving.runtime import Runtime
-from serving.service import ModelService
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
+from serving.service.model import ModelService
 from serving.settings import Settings
-from serving.trainer import run_job
-from serving.training import TrainingStore, VersionStore
+from serving.training.job import run_job
+from serving.training.store import TrainingStore
+from serving.training.versions import VersionStore
 from tests.support.app import fixture_request
 from tests.support.fakes import FakeResolver
 from tests.support.training_fakes import CONFIG, REF, export_tasks, families
@@ -333,8 +334,8 @@ def test_inline_tasks_are_written_before_a_waiting_trainer_can_claim_the_job(
     """TRAIN_DEBOUNCE_S=0 and a trainer polling for work: /train's inline data must exist when it claims."""
     import threading
 
-    import serving.service as service_module
-    from serving.trainer import serve
+    import serving.service.model as service_module
+    from serving.training.process import serve
 
     app, model, _ = make_app(tmp_path)
     stop = threading.Event()

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from backends.ocr import OCRBackend
 from serving.contract import Item, ObjectTag, Target
-from serving.labeling import build_plan
+from serving.plan.planner import build_plan
 from serving.settings import Settings
 
 # Label Studio's OCR template from the pre-annotation guide.

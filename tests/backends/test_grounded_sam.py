@@ -26,13 +26,15 @@ from PIL import Image
 from backends import _open_vocab as ov
 from backends.grounded_sam import GroundedSamBackend
 from model import families as all_families
-from serving import cli, weights
+from serving.cli import main as cli
+from serving.cli import weights
 from serving.contract import Backend, ModelSpec
 from serving.errors import ModelUnavailable
-from serving.labeling import build_plan
-from serving.runtime import Runtime
+from serving.inference.runtime import Runtime
+from serving.plan.planner import build_plan
+from serving.results.schema import ConfigSchema
+from serving.results.validation.checks import filter_valid
 from serving.settings import Settings
-from serving.validation import ConfigSchema, filter_valid
 from tests.backends._open_vocab_support import Plant, planted_grounded_family, save_dino, save_owl
 from tests.backends._sam_support import build_sam1, build_sam2
 from tests.support.fakes import FakeResolver

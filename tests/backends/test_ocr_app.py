@@ -10,9 +10,9 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from backends.ocr import OCRBackend
-from serving.app import create_app
 from serving.contract import ModelSpec
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 from tests.backends._ocr_support import (
     GUIDE_CONFIG,

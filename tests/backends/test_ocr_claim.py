@@ -8,7 +8,7 @@ import pytest
 
 from backends.ocr import OCRBackend
 from serving.contract import ModelSpec
-from serving.labeling import build_plan, parse_config
+from serving.plan.planner import build_plan, parse_config
 from serving.settings import Settings
 from tests.backends._ocr_support import GUIDE_CONFIG, PAGE_CONFIG
 

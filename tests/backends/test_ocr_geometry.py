@@ -23,7 +23,7 @@ from backends._ocr_geometry import (
     text_bands,
     tighten,
 )
-from serving.regions import rotated_rect_px_to_pct
+from serving.results.regions import rotated_rect_px_to_pct
 
 
 def line(x0: float, y0: float, x1: float, y1: float, text: str, score: float = 0.9) -> Line:

@@ -20,9 +20,9 @@ from PIL import Image
 from backends import _open_vocab as ov
 from backends import registry
 from backends.open_vocab import OpenVocabBackend, OvInput
-from serving import weights
+from serving.cli import weights
 from serving.contract import Item, LabelMap, ModelSpec, ObjectTag, Target
-from serving.labeling import build_plan, parse_config
+from serving.plan.planner import build_plan, parse_config
 from serving.settings import Settings
 from tests.backends._open_vocab_support import Plant, bert_tokenizer, planted_family, save_dino, save_owl
 

@@ -21,12 +21,13 @@ from PIL import Image
 
 import model
 from backends.detection import DetectionBackend
-from serving import cli
-from serving.app import create_app
+from serving.cli import main as cli
 from serving.contract import Backend
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
+from serving.results.schema import ConfigSchema
+from serving.results.validation.checks import filter_valid
 from serving.settings import Settings
-from serving.validation import ConfigSchema, filter_valid
 from tests.backends._open_vocab_support import Plant, planted_family, save_dino, save_owl
 from tests.support.fakes import FakeResolver
 

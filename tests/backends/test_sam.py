@@ -26,12 +26,12 @@ from PIL import Image
 from backends import _sam
 from backends.sam import MAX_POINTS, SamBackend, SamRequest, image_identity
 from model import families as all_families
-from serving.app import create_app
 from serving.contract import Backend, Item, ModelSpec
-from serving.data import DataResolver
 from serving.errors import InputError
-from serving.lsclient import LabelStudioClient
-from serving.runtime import Runtime
+from serving.fetch.lsclient import LabelStudioClient
+from serving.fetch.resolver import DataResolver
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 from tests.backends._sam_support import INPUT_PX, build_sam1, build_sam2
 from tests.support.fakes import FakeDetector, FakeResolver

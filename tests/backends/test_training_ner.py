@@ -12,11 +12,13 @@ import pytest
 from backends._ner_train import bio_tags, span_f1, token_labels
 from backends.ner import SPACY_DEFAULT, NerBackend
 from serving.contract import ModelSpec
-from serving.runtime import Runtime
-from serving.service import ModelService
+from serving.inference.runtime import Runtime
+from serving.service.model import ModelService
 from serving.settings import Settings
-from serving.trainer import run_job
-from serving.training import TrainingStore, VersionStore, write_json_atomic
+from serving.training.job import run_job
+from serving.training.store import TrainingStore
+from serving.training.versions import VersionStore
+from serving.util.files import write_json_atomic
 from tests.support import ner_corpus as nc
 
 FAMILIES = {"ner": NerBackend}

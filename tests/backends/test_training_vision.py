@@ -24,11 +24,13 @@ from backends import _vision_train as vt
 from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from serving.contract import Item, ModelSpec, ObjectTag
-from serving.runtime import Runtime
-from serving.service import ModelService
+from serving.inference.runtime import Runtime
+from serving.service.model import ModelService
 from serving.settings import Settings
-from serving.trainer import run_job
-from serving.training import TrainingStore, VersionStore, write_json_atomic
+from serving.training.job import run_job
+from serving.training.store import TrainingStore
+from serving.training.versions import VersionStore
+from serving.util.files import write_json_atomic
 from tests.backends._vision_support import coco_categories, save_random_weights
 
 pytestmark = pytest.mark.slow

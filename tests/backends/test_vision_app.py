@@ -24,9 +24,9 @@ from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from backends.keypoints import KeypointsBackend
 from backends.segmentation import InstanceSegmentationBackend, SemanticSegmentationBackend
-from serving.app import create_app
 from serving.contract import Backend, ModelSpec
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 from tests.backends._vision_support import (
     PlantedClassifier,

@@ -20,7 +20,7 @@ from backends.segmentation import (
     mask_polygon_px,
 )
 from serving.contract import ModelSpec
-from serving.rle import rle_to_mask
+from serving.results.rle import rle_to_mask
 from tests.backends._vision_support import (
     IMAGE,
     PlantedClassifier,

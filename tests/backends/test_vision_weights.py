@@ -13,7 +13,7 @@ from backends.classification import ClassificationBackend
 from backends.detection import DetectionBackend
 from backends.keypoints import KeypointsBackend
 from backends.segmentation import InstanceSegmentationBackend, SemanticSegmentationBackend
-from serving import weights as weights_cli
+from serving.cli import weights as weights_cli
 from serving.contract import ModelSpec
 from tests.backends._vision_support import settings
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from serving.hypertext import parse_html, utf16_offset
+from serving.results.hypertext import parse_html
+from serving.results.utf16 import utf16_offset
 from tests.e2e.conftest import Project, connect
 from tests.e2e.ls_harness import Chromium, LabelStudio, MLServer
 from tests.e2e.test_browser import open_task, save_screenshot

@@ -27,7 +27,7 @@ from tests.e2e.ls_harness import LabelStudio, MLServer, group_alive, port_open
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# What the server answers on /setup when it cannot fill a config (serving/labeling.py).
+# What the server answers on /setup when it cannot fill a config (serving/plan/planner.py).
 CANNOT_FILL = "cannot fill any control tag"
 
 
@@ -42,7 +42,8 @@ def assert_valid_prediction(config: str, prediction: Mapping[str, Any], data: Ma
     """Check a stored prediction: numeric score, config-valid regions (SDK and our own validator)."""
     from label_studio_sdk.label_interface import LabelInterface
 
-    from serving.validation import ConfigSchema, check_prediction
+    from serving.results.schema import ConfigSchema
+    from serving.results.validation.files import check_prediction
 
     score = prediction["score"]
     assert isinstance(score, int | float) and math.isfinite(score), prediction

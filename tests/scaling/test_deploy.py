@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from serving import cli
+from serving.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -86,8 +86,8 @@ def test_without_ray_installed_everything_imports_and_engine_ray_says_how_to_get
 ) -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "import model, serving.app, serving.cli, serving.engines.ray\n"
-        "from serving.engines import ray_installed\n"
+        "import model, serving.http.app, serving.cli.main, serving.jobs.engines.ray\n"
+        "from serving.jobs.engines import ray_installed\n"
         "from serving.settings import Settings\n"
         "app = model.create_app(Settings(model_dir=sys.argv[1], ray_address='auto'))\n"
         "print(ray_installed(), app.extensions['lsml_jobs'].engines, 'ray' in sys.modules and sys.modules['ray'] is not None)\n"

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 import model
-from serving import cli
-from serving.jobs import JobStore, create_store, iter_result_text
+from serving.cli import main as cli
+from serving.jobs.output import iter_result_text
+from serving.jobs.store import JobStore, create_store
 from serving.settings import Settings
 from tests.scaling._ray_support import ACTOR_CPUS, normalize_ids, ray_cluster
 
@@ -137,7 +138,7 @@ def test_ray_engine_outputs_equal_the_local_engine_for_ner_and_ocr(cluster: str,
 
 
 def test_a_bad_task_in_the_middle_of_a_block_leaves_the_others_intact(cluster: str, env: Path) -> None:
-    from serving.engines.ray import RayJobRunner, RayOptions
+    from serving.jobs.engines.ray import RayJobRunner, RayOptions
 
     tasks: list[Any] = [{"id": i, "data": {"text": ner_text(i)}} for i in range(9)]
     tasks[4] = {"id": 4, "data": {"body": "no text key here"}}  # the config reads $text

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from serving.replicas import FORWARDED_HEADER
+from serving.scale.replicas import FORWARDED_HEADER
 from tests.scaling._replica_support import Nginx, Replica, free_port, ls_predict_body, ls_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import BadRequest
-from serving.jobs import JobManager, create_store
+from serving.jobs.manager import JobManager
+from serving.jobs.store import create_store
 from serving.settings import Settings
 
 CONFIG = """<View>

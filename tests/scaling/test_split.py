@@ -13,7 +13,7 @@ import pytest
 from flask import Flask, request
 from werkzeug.serving import make_server
 
-from serving.replicas import FORWARDED_HEADER, chunk_bounds
+from serving.scale.replicas import FORWARDED_HEADER, chunk_bounds
 from tests.support.app import fake_app
 from tests.support.fakes import reset_fakes
 

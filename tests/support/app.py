@@ -8,8 +8,8 @@ from typing import Any
 
 from flask import Flask
 
-from serving.app import create_app
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 from tests.support.fakes import FAMILIES, FakeResolver
 

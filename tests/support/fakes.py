@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from serving import regions
 from serving.contract import Backend, Item, ModelSpec, Target
 from serving.errors import InputError
+from serving.results import regions
 from serving.settings import Settings
 
 

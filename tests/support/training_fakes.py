@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from serving import regions
 from serving.contract import (
     Backend,
     Item,
@@ -24,6 +23,7 @@ from serving.contract import (
     TrainResult,
     weights_fingerprint,
 )
+from serving.results import regions
 from serving.settings import Settings
 
 

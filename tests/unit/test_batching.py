@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serving.batching import Batcher
 from serving.errors import ForwardLengthError, Overloaded
+from serving.inference.batching import Batcher
 
 
 class Recorder:

@@ -21,10 +21,11 @@ from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 import model
-from serving import cli
-from serving.jobs import JobStore, create_store
-from serving.push import LabelStudioPusher, PushError
-from serving.validation import ConfigSchema, validate_file
+from serving.cli import main as cli
+from serving.jobs.push import LabelStudioPusher, PushError
+from serving.jobs.store import JobStore, create_store
+from serving.results.schema import ConfigSchema
+from serving.results.validation.files import validate_file
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "preannotations"

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from serving import cli
-from serving.training import Run, TrainingStore, VersionStore
+from serving.cli import main as cli
+from serving.training.run import Run
+from serving.training.store import TrainingStore
+from serving.training.versions import VersionStore
 from tests.support.training_fakes import CONFIG, export_tasks, families
 
 
@@ -79,9 +81,9 @@ def test_a_server_trainer_on_the_same_model_dir_never_takes_the_cli_job_half_wri
     """The server's trainer (idle, holding the device lock) must not claim the job before its data is written."""
     import threading
 
-    import serving.training as training
+    import serving.util.files as util_files
     from serving.settings import Settings
-    from serving.trainer import serve
+    from serving.training.process import serve
 
     config, export = files(tmp_path, export_tasks(12))
     model_dir = tmp_path / "m"
@@ -95,13 +97,13 @@ def test_a_server_trainer_on_the_same_model_dir_never_takes_the_cli_job_half_wri
     lock = model_dir / "training" / "trainer-cpu.lock"
     while not lock.exists():  # the server's trainer holds the device lock, polling for jobs
         assert server_trainer.is_alive()
-    written = training.write_json_atomic
+    written = util_files.write_json_atomic
 
     def slow_write(path: Path, value: Any) -> None:
         time.sleep(1.5)  # a large export takes a while to write
         written(path, value)
 
-    monkeypatch.setattr(training, "write_json_atomic", slow_write)
+    monkeypatch.setattr(util_files, "write_json_atomic", slow_write)
     argv = ["train", "--config", str(config), "--input", str(export), "--model-dir", str(model_dir)]
     try:
         assert cli.main([*argv, "--device", "cpu"], families=families) == cli.EXIT_OK

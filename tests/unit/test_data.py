@@ -22,9 +22,11 @@ import pytest
 import requests
 from PIL import Image
 
-from serving.data import ORIGINAL_SIZE, DataResolver, _host_matches, is_reference, safe_url
 from serving.errors import InputError
-from serving.lsclient import LabelStudioClient
+from serving.fetch.decode import ORIGINAL_SIZE
+from serving.fetch.lsclient import LabelStudioClient
+from serving.fetch.policy import _host_matches, safe_url
+from serving.fetch.resolver import DataResolver, is_reference
 from serving.settings import Settings
 from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS, Handler
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.app import create_app
-from serving.runtime import Runtime
+from serving.http.app import create_app
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 from tests.support.fakes import FAMILIES, reset_fakes
 from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving.embeddings import EmbeddingCache, nbytes
-from serving.metrics import Metrics
+from serving.inference.metrics import Metrics
+from serving.util.embeddings import EmbeddingCache, nbytes
 
 MB = 1 << 20
 

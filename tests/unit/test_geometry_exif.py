@@ -7,10 +7,10 @@ import io
 
 from PIL import Image
 
-from serving import regions
 from serving.contract import ControlTag, LabelMap, ModelSpec, ObjectTag, Target
-from serving.data import DataResolver
-from serving.lsclient import LabelStudioClient
+from serving.fetch.lsclient import LabelStudioClient
+from serving.fetch.resolver import DataResolver
+from serving.results import regions
 from serving.settings import Settings
 
 

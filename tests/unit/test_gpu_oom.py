@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.batching import Batcher
+from serving.inference.batching import Batcher
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""serving/hypertext.py: the document Label Studio's page shows, XPaths, UTF-16 and global offsets, round trips."""
+"""serving/results/hypertext.py: the document Label Studio's page shows, XPaths, UTF-16 and global offsets, round trips."""
 
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.hypertext import (
+from serving.results.hypertext import (
     HtmlDocument,
-    code_point_index,
     decode_value,
     object_options,
     paragraph_texts,
     parse_html,
     same_text,
-    utf16_len,
-    utf16_offset,
 )
+from serving.results.utf16 import code_point_index, utf16_len, utf16_offset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hypertext"
 
@@ -294,7 +292,8 @@ def test_utf16_conversions_count_as_javascript_does(text: str, data: st.DataObje
 
 def test_paragraphs_with_a_lone_surrogate_validate_instead_of_raising() -> None:
     """A lone surrogate in a task's JSON is one UTF-16 unit in the editor; the validator counts it so."""
-    from serving.validation import ConfigSchema, check_items
+    from serving.results.schema import ConfigSchema
+    from serving.results.validation.checks import check_items
 
     config = (
         '<View><Paragraphs name="d" value="$d"/><ParagraphLabels name="pl" toName="d">'

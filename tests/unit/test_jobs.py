@@ -17,18 +17,15 @@ import pytest
 from PIL import Image
 
 from serving.errors import BadRequest, ConfigError, NotFound
-from serving.jobs import (
-    JobManager,
-    JobNotReady,
-    JobRunner,
-    JobStore,
-    LocalFileResolver,
-    create_store,
-    iter_result_text,
-    resolve_input_path,
-)
+from serving.fetch.local import LocalFileResolver
+from serving.jobs.inputs import resolve_input_path
+from serving.jobs.manager import JobManager
+from serving.jobs.output import iter_result_text
+from serving.jobs.runner import JobRunner
+from serving.jobs.store import JobNotReady, JobStore, create_store
+from serving.results.schema import ConfigSchema
+from serving.results.validation.files import validate_file
 from serving.settings import Settings
-from serving.validation import ConfigSchema, validate_file
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT_CONFIG = """<View>
@@ -141,7 +138,7 @@ def test_a_failing_task_is_isolated_recorded_and_still_in_the_output(settings: S
 
 
 def test_runtime_failures_are_recorded_per_task(settings: Settings, tmp_path: Path) -> None:
-    from serving.runtime import TaskFailure
+    from serving.inference.runtime import TaskFailure
 
     def predict(
         label_config: str, tasks: list[dict[str, Any]], failures: list[Any] | None = None
@@ -376,7 +373,7 @@ def test_local_file_resolver_refuses_files_outside_its_roots(tmp_path: Path) -> 
 
 def test_local_file_resolver_decodes_a_big_jpeg_smaller_for_a_small_model(tmp_path: Path) -> None:
     """Batch-folder JPEGs take the same reduced decode as downloads; the shown size is kept."""
-    from serving.data import ORIGINAL_SIZE
+    from serving.fetch.decode import ORIGINAL_SIZE
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -392,7 +389,7 @@ def test_local_file_resolver_decodes_a_big_jpeg_smaller_for_a_small_model(tmp_pa
 WORKER = r"""
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from serving.jobs import JobRunner
+from serving.jobs.runner import JobRunner
 from serving.settings import Settings
 
 log = open(sys.argv[2], "a")
@@ -579,7 +576,9 @@ MEMORY_SCRIPT = r"""
 import json, resource, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from serving.jobs import JobRunner, JobStore, create_store, iter_result_text
+from serving.jobs.output import iter_result_text
+from serving.jobs.runner import JobRunner
+from serving.jobs.store import JobStore, create_store
 from serving.settings import Settings
 
 n, folder = int(sys.argv[1]), Path(sys.argv[2])

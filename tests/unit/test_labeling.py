@@ -6,7 +6,7 @@ import pytest
 
 from serving.contract import LabelMap
 from serving.errors import ConfigError
-from serving.labeling import Planner, build_plan
+from serving.plan.planner import Planner, build_plan
 from serving.settings import Settings
 from tests.support.fakes import FAMILIES
 

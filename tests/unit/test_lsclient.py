@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from serving.errors import InputError
-from serving.lsclient import LabelStudioClient, mask_secret, origin, token_kind
+from serving.fetch.lsclient import LabelStudioClient, mask_secret, origin, token_kind
 from serving.settings import Settings
 from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS, make_jwt
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving import regions
 from serving.contract import ControlTag, LabelMap, ModelSpec, ObjectTag, Target
+from serving.results import regions
 
 IMAGE = ObjectTag("img", "Image", "image")
 

@@ -8,7 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import base_rle_encode, encode_rle, mask2rle
 
-from serving.rle import crop_to_rle, crops_to_rle, encode_runs, encode_runs_many, mask_to_rle, rle_to_mask
+from serving.results.rle import (
+    crop_to_rle,
+    crops_to_rle,
+    encode_runs,
+    encode_runs_many,
+    mask_to_rle,
+    rle_to_mask,
+)
 
 
 @st.composite
@@ -203,7 +210,7 @@ def test_a_mask_without_runs_between_others_keeps_its_place() -> None:
 
 def test_crops_beyond_the_buffer_bound_are_encoded_in_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past _MAX_CROP_BUFFER, crops go in groups (memory stays bounded) and each RLE is unchanged."""
-    import serving.rle as rle_module
+    import serving.results.rle as rle_module
 
     rng = np.random.default_rng(5)
     crops = []
@@ -227,7 +234,7 @@ def test_crops_beyond_the_buffer_bound_are_encoded_in_groups(monkeypatch: pytest
 
 def test_runs_just_under_the_split_with_pieces_pack_once() -> None:
     """Chunks just under _SPLIT_PACK plus long-run pieces that take the count past it are packed exactly once."""
-    from serving.rle import _SPLIT_PACK
+    from serving.results.rle import _SPLIT_PACK
 
     n_short = _SPLIT_PACK - 3
     values = np.concatenate([np.arange(n_short) % 2 * 255, [255, 0]])  # neighbours always differ

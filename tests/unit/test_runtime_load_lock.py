@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from serving.contract import Backend, Item, Target
-from serving.runtime import Runtime
+from serving.inference.runtime import Runtime
 from serving.settings import Settings
 
 

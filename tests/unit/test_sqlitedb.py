@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serving import sqlitedb
+from serving.util import sqlite as sqlitedb
 
 
 class _Flaky:

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import regions
 from serving.contract import BoxPct, ControlTag, LabelMap, ModelSpec, ObjectTag, Target
-from serving.data import DataResolver
-from serving.lsclient import LabelStudioClient
+from serving.fetch.lsclient import LabelStudioClient
+from serving.fetch.resolver import DataResolver
+from serving.results import regions
 from serving.settings import Settings
-from serving.training import Run, TrainingStore, examples_from_tasks, latest_annotation
+from serving.training.examples import examples_from_tasks, latest_annotation
+from serving.training.run import Run
+from serving.training.store import TrainingStore
 
 TEXT = ObjectTag("text", "Text", "text")
 IMAGE = ObjectTag("image", "Image", "image")

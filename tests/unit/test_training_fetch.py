@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from serving.settings import Settings
-from serving.trainer import TrainingFailed, fetch_export, run_job
-from serving.training import TrainingStore, VersionStore
+from serving.training.job import TrainingFailed, fetch_export, run_job
+from serving.training.store import TrainingStore
+from serving.training.versions import VersionStore
 from tests.support.fakes import FakeResolver
 from tests.support.training_fakes import CONFIG, export_tasks, families
 from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS

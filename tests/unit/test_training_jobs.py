@@ -15,11 +15,14 @@ from typing import Any
 import pytest
 
 from serving.contract import ModelSpec
-from serving.runtime import Runtime
-from serving.service import ModelService
+from serving.inference.runtime import Runtime
+from serving.service.model import ModelService
 from serving.settings import Settings
-from serving.trainer import run_job
-from serving.training import MAX_ATTEMPTS, TrainingStore, VersionStore, project_key, write_json_atomic
+from serving.training.job import run_job
+from serving.training.names import project_key
+from serving.training.store import MAX_ATTEMPTS, TrainingStore
+from serving.training.versions import VersionStore
+from serving.util.files import write_json_atomic
 from tests.support.fakes import FakeResolver
 from tests.support.training_fakes import CONFIG, MemoNER, export_tasks, families
 
@@ -114,7 +117,7 @@ def test_requests_coalesce_while_queued_and_make_one_follow_up_while_running(tmp
 def test_a_queued_job_waits_for_its_burst_to_end_but_not_forever(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import serving.training as training
+    import serving.training.store as training
 
     clock = [1000.0]
     monkeypatch.setattr(training, "_now", lambda: clock[0])

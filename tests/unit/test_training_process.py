@@ -1,4 +1,4 @@
-"""The trainer as a real process (python -m serving.trainer): one per device, kill -9 and resume."""
+"""The trainer as a real process (python -m serving.training.process): one per device, kill -9 and resume."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 
-from serving.jobs import FileLock
 from serving.settings import Settings
-from serving.trainer import TrainerSupervisor, lock_path, settings_from_json, settings_to_json, spawn_trainer
-from serving.training import TrainingStore, VersionStore
+from serving.training.process import (
+    TrainerSupervisor,
+    lock_path,
+    settings_from_json,
+    settings_to_json,
+    spawn_trainer,
+)
+from serving.training.store import TrainingStore
+from serving.training.versions import VersionStore
+from serving.util.locks import FileLock
 from tests.support.training_fakes import REF, export_tasks
 from tests.unit.test_training_jobs import inline_job
 

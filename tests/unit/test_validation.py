@@ -12,15 +12,11 @@ import numpy as np
 import pytest
 
 from serving.errors import ConfigError
-from serving.rle import mask_to_rle
-from serving.validation import (
-    ConfigSchema,
-    Problem,
-    check_items,
-    check_prediction,
-    filter_valid,
-    validate_file,
-)
+from serving.results.rle import mask_to_rle
+from serving.results.schema import ConfigSchema
+from serving.results.validation.checks import check_items, filter_valid
+from serving.results.validation.files import check_prediction, validate_file
+from serving.results.validation.problems import Problem
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "preannotations"
 EXAMPLES = sorted(p.stem for p in FIXTURES.glob("*.xml"))
@@ -276,8 +272,8 @@ def test_problem_str_names_task_region_and_control() -> None:
 
 
 def test_regions_built_by_regions_module_pass() -> None:
-    from serving import regions
     from serving.contract import ControlTag, LabelMap, ModelSpec, ObjectTag, Target
+    from serving.results import regions
 
     schema, _ = load("ocr")
     obj = ObjectTag("image", "Image", "ocr")
@@ -303,10 +299,10 @@ def test_regions_built_by_regions_module_pass() -> None:
 
 
 def test_predict_route_drops_invalid_regions_before_they_leave(tmp_path: Path) -> None:
-    from serving import regions
-    from serving.app import create_app
     from serving.contract import Backend, Item, Target
-    from serving.runtime import Runtime
+    from serving.http.app import create_app
+    from serving.inference.runtime import Runtime
+    from serving.results import regions
     from serving.settings import Settings
     from tests.support.fakes import FakeResolver
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from serving.validation import ConfigSchema, check_items, filter_valid
+from serving.results.schema import ConfigSchema
+from serving.results.validation.checks import check_items, filter_valid
 
 CONFIG = """<View>
   <HyperText name="html" value="$html"/>

@@ -1,0 +1,1 @@
+"""The command line (`python -m serving ...`): main.py parses; one module per command."""

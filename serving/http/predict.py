@@ -1,0 +1,107 @@
+"""The label_studio_ml protocol's model routes: /health, /setup, /predict; and /metrics, /openapi.json."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, Response, jsonify, request
+
+from serving.errors import BadRequest, PayloadTooLarge
+from serving.http.body import json_body
+from serving.scale.replicas import Splitter
+from serving.service.model import ModelService
+
+
+def predict_blueprint(model: ModelService, splitter: Splitter) -> Blueprint:
+    """Return the blueprint of the model routes over `model` (big /predict requests split by `splitter`)."""
+    bp = Blueprint("predict", __name__)
+    settings = model.settings
+    runtime = model.runtime
+
+    def health() -> Response:
+        # pid: which gunicorn worker (or replica) answered, for operators and the multi-worker tests
+        return jsonify(
+            {
+                "status": "UP",
+                "model_class": model.model_class,
+                "backends": runtime.status(),
+                "pid": os.getpid(),
+            }
+        )
+
+    bp.add_url_rule("/", "index", health, methods=["GET"])
+    bp.add_url_rule("/health", "health", health, methods=["GET"])
+
+    @bp.post("/setup")
+    def setup() -> Response:
+        body = json_body()
+        schema = body.get("schema")
+        if not isinstance(schema, str):
+            raise BadRequest("'schema' (the project's labeling config XML) is missing")
+        extra = body.get("extra_params")
+        version = model.setup(
+            project=body.get("project"),
+            schema=schema,
+            hostname=body.get("hostname") if isinstance(body.get("hostname"), str) else None,
+            access_token=body.get("access_token") if isinstance(body.get("access_token"), str) else None,
+            extra_params=extra if isinstance(extra, dict) else None,
+        )
+        return jsonify({"model_version": version})
+
+    @bp.post("/predict")
+    def predict() -> Response:
+        body = json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
+        if not tasks:
+            raise BadRequest("'tasks' is empty; send at least one task")
+        if len(tasks) > settings.max_tasks_per_request:
+            raise PayloadTooLarge(
+                f"{len(tasks)} tasks in one request; the limit is {settings.max_tasks_per_request} "
+                "(MAX_TASKS_PER_REQUEST). Use POST /batch for large imports"
+            )
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the labeling config XML as a string")
+        params = body.get("params")
+        context = params.get("context") if isinstance(params, dict) else None
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest("'params.context' must be an object or null")
+        project = body.get("project")
+        if splitter.applies(len(tasks), request.headers, context):
+            config = model.config_for(label_config, str(project) if project else None)
+            # the plan this project is served with (its trained models in): a bad config is refused
+            # here, not once per chunk, and a failed chunk's entries carry the version /setup gave
+            plan = model.serving_plan(str(project) if project else None, config)
+            version = runtime.model_version(plan)
+            results = splitter.predict(
+                tasks,
+                label_config=config,
+                version=version,
+                params=params,
+                project=project,
+                authorization=request.headers.get("Authorization"),
+                local=lambda chunk: model.predict(
+                    chunk, context=context, label_config=config, project=str(project) if project else None
+                ),
+            )
+            model.seen.add(config)
+            return jsonify({"results": results})
+        results = model.predict(
+            tasks, context=context, label_config=label_config, project=str(project) if project else None
+        )
+        return jsonify({"results": results})
+
+    @bp.get("/metrics")
+    def metrics() -> Response:
+        runtime.status()  # refresh queue-depth gauges
+        return Response(runtime.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    @bp.get("/openapi.json")
+    def openapi() -> Response:
+        from serving.http.openapi import spec
+
+        return jsonify(spec())
+
+    return bp

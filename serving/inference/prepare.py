@@ -1,0 +1,90 @@
+"""Preparing one task for one model: its value found in task.data, resolved (image, text, paragraphs), preprocessed.
+
+Runs on the runtime's CPU pool; every problem with one task's input raises InputError with what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from serving.contract import Backend, Item, ObjectTag, Target
+from serving.errors import InputError
+from serving.fetch.decode import ORIGINAL_SIZE
+from serving.fetch.resolver import Resolver
+
+
+def prepare(
+    task: Any,
+    obj: ObjectTag,
+    backend: Backend,
+    context: Mapping[str, Any] | None,
+    targets: Sequence[Target],
+    resolver: Resolver,
+) -> tuple[Item, Any]:
+    """Return the task's Item for `obj` (its image or text resolved) and the backend's preprocessed input."""
+    if not isinstance(task, Mapping):
+        raise InputError(f"task is a {type(task).__name__}, not an object with 'data'")
+    data = task.get("data")
+    if not isinstance(data, Mapping):
+        raise InputError("task has no 'data' object")
+    if obj.value_key not in data:
+        keys = ", ".join(sorted(map(str, data))[:10]) or "none"
+        raise InputError(
+            f"task data has no key '{obj.value_key}' (the config's <{obj.tag} value=\"${obj.value_key}\">); "
+            f"keys present: {keys}"
+        )
+    value = data[obj.value_key]
+    task_id = task.get("id") if isinstance(task.get("id"), int) else None
+    item = Item(task=task, obj=obj, context=context, targets=tuple(targets))
+    kind = type(backend).input_kind
+    if kind == "image":
+        if not isinstance(value, str):
+            raise InputError(
+                f"data['{obj.value_key}'] must be an image URL or path, got {type(value).__name__}"
+            )
+        if context is not None:
+            # an interactive call on an image the backend already holds (its embedding): no fetch
+            cached = backend.preprocess_cached(item, value)
+            if cached is not None:
+                return item, cached
+        item.image = resolver.load_image(value, task_id, shrink=backend.input_scale)
+        item.original_size = item.image.info.get(ORIGINAL_SIZE)
+    elif kind == "text" and obj.tag == "Paragraphs":
+        item.value = _paragraphs(value, obj, task_id, resolver)
+    elif kind == "text":
+        if not isinstance(value, str):
+            raise InputError(f"data['{obj.value_key}'] must be text or a URL, got {type(value).__name__}")
+        if obj.tag == "HyperText":
+            # the editor fetches the value only with valueType="url"; otherwise it shows it as HTML
+            as_url = attr(obj, "valueType").lower() == "url"
+            item.text = resolver.load_text(value, task_id, as_url=as_url)
+        else:
+            item.text = resolver.load_text(value, task_id)
+    return item, backend.preprocess(item)
+
+
+def _paragraphs(value: Any, obj: ObjectTag, task_id: int | None, resolver: Resolver) -> list[Any]:
+    """Return a Paragraphs value: the list in the task, or the JSON list its URL serves (valueType="url")."""
+    if isinstance(value, str) and attr(obj, "valueType").lower() == "url":
+        raw = resolver.load_text(value, task_id, as_url=True)
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise InputError(f"the Paragraphs URL did not return JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise InputError(
+            f"data['{obj.value_key}'] must be a list of paragraph objects for <Paragraphs>, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def attr(obj: ObjectTag, key: str) -> str:
+    """Return an object tag attribute, looked up case-insensitively."""
+    lowered = key.lower()
+    for name, value in obj.attrs.items():
+        if str(name).lower() == lowered:
+            return str(value)
+    return ""

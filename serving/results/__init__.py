@@ -1,0 +1,1 @@
+"""What leaves the server: Label Studio result items (regions, RLE, HyperText ranges), the config schema, validation."""

@@ -1,0 +1,401 @@
+"""Label Studio geometry in one place: pixel units in, percent-of-original-image items out.
+
+Every backend builds its result items here so that coordinate conventions, linked items
+(geometry + labels + per-region textarea sharing one id) and clamping live in one module.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from serving.contract import Target
+    from serving.results.hypertext import HtmlRange
+
+# Control tags whose value carries the label list under the lower-cased tag name.
+LABELED_GEOMETRY = {
+    "RectangleLabels": "rectangle",
+    "PolygonLabels": "polygon",
+    "EllipseLabels": "ellipse",
+    "KeyPointLabels": "keypoint",
+    "BrushLabels": "brush",
+}
+PLAIN_GEOMETRY = {"Rectangle", "Polygon", "Ellipse", "KeyPoint", "Brush"}
+
+
+def new_id() -> str:
+    """Return a fresh region id, unique within a prediction."""
+    return uuid.uuid4().hex[:10]
+
+
+def clamp_pct(value: float) -> float:
+    """Clamp a percentage to [0, 100] (regions partly outside the image stay valid)."""
+    if math.isnan(value):
+        return 0.0
+    return min(100.0, max(0.0, float(value)))
+
+
+def box_xyxy_px_to_pct(box_xyxy_px: Sequence[float], size: tuple[int, int]) -> dict[str, float]:
+    """Convert a pixel box (x0, y0, x1, y1) to LS percent x/y/width/height, clamped."""
+    width_px, height_px = size
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy_px)
+    # clamp in pixels first, then divide once: keeps exact values exact (64/640 -> 10.0)
+    x0, x1 = (min(max(v, 0.0), width_px) for v in (x0, x1))
+    y0, y1 = (min(max(v, 0.0), height_px) for v in (y0, y1))
+    return {
+        "x": clamp_pct(x0 / width_px * 100.0),
+        "y": clamp_pct(y0 / height_px * 100.0),
+        "width": clamp_pct(max(0.0, x1 - x0) / width_px * 100.0),
+        "height": clamp_pct(max(0.0, y1 - y0) / height_px * 100.0),
+    }
+
+
+def box_pct_to_xyxy_px(
+    x: float, y: float, width: float, height: float, rotation: float, size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Return the pixel box (x0, y0, x1, y1) around a Label Studio rectangle, clipped to the image.
+
+    The inverse of rectangle_items for training data: percent of the image as shown (EXIF applied,
+    `size` its width and height), rotated `rotation` degrees clockwise about its top-left corner
+    (x, y) in pixel space; a rotated rectangle becomes the axis-aligned box around its 4 corners.
+    """
+    width_px, height_px = size
+    x0 = float(x) / 100.0 * width_px
+    y0 = float(y) / 100.0 * height_px
+    w = float(width) / 100.0 * width_px
+    h = float(height) / 100.0 * height_px
+    angle = math.radians(float(rotation or 0.0) % 360.0)
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    if angle == 0.0:
+        xs, ys = (x0, x0 + w), (y0, y0 + h)
+    else:
+        cos, sin = math.cos(angle), math.sin(angle)
+        # corners of the unrotated box relative to (x0, y0), rotated clockwise (y points down)
+        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+        xs = tuple(x0 + cx * cos - cy * sin for cx, cy in corners)
+        ys = tuple(y0 + cx * sin + cy * cos for cx, cy in corners)
+    return (
+        min(max(min(xs), 0.0), float(width_px)),
+        min(max(min(ys), 0.0), float(height_px)),
+        min(max(max(xs), 0.0), float(width_px)),
+        min(max(max(ys), 0.0), float(height_px)),
+    )
+
+
+def points_px_to_pct(points_px: Iterable[Sequence[float]], size: tuple[int, int]) -> list[list[float]]:
+    """Convert pixel points [(x, y), ...] to LS percent points, clamped."""
+    width_px, height_px = size
+    return [
+        [clamp_pct(float(x) / width_px * 100.0), clamp_pct(float(y) / height_px * 100.0)]
+        for x, y in points_px
+    ]
+
+
+def point_pct_to_px(x_pct: float, y_pct: float, size: tuple[int, int]) -> tuple[float, float]:
+    """Convert a Label Studio percent point (a drawn region's value) to pixels of the image.
+
+    Percentages are of the image as Label Studio shows it (EXIF orientation applied, as the
+    resolver decodes it). `image_rotation` in a drawn region needs no handling: Label Studio
+    rotates the whole stage for display and keeps region coordinates in the unrotated image.
+    """
+    width_px, height_px = size
+    return float(x_pct) / 100.0 * width_px, float(y_pct) / 100.0 * height_px
+
+
+def rect_pct_to_box_xyxy_px(value: Mapping[str, Any], size: tuple[int, int]) -> tuple[float, ...]:
+    """Return the axis-aligned pixel box (x0, y0, x1, y1) of a drawn rectangle value (x/y/width/height %).
+
+    A rotated rectangle (clockwise `rotation` degrees about its top-left corner x/y, as Label
+    Studio draws it) gives the box around its four corners.
+    """
+    width_px, height_px = size
+    x0 = float(value["x"]) / 100.0 * width_px
+    y0 = float(value["y"]) / 100.0 * height_px
+    w = float(value["width"]) / 100.0 * width_px
+    h = float(value["height"]) / 100.0 * height_px
+    theta = math.radians(float(value.get("rotation", 0.0) or 0.0))
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    if theta == 0.0:
+        xs, ys = (x0, x0 + w), (y0, y0 + h)
+    else:
+        cos, sin = math.cos(theta), math.sin(theta)
+        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+        xs = tuple(x0 + u * cos - v * sin for u, v in corners)
+        ys = tuple(y0 + u * sin + v * cos for u, v in corners)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def rotated_rect_px_to_pct(corners_px: Sequence[Sequence[float]], size: tuple[int, int]) -> dict[str, float]:
+    """Convert a rotated quad (tl, tr, br, bl in pixels) to LS x/y/width/height/rotation.
+
+    Label Studio rotates a rectangle clockwise (degrees) about its top-left corner (x, y).
+    """
+    (x0, y0), (x1, y1), _, (x3, y3) = [(float(x), float(y)) for x, y in corners_px[:4]]
+    width_px, height_px = size
+    w = math.hypot(x1 - x0, y1 - y0)
+    h = math.hypot(x3 - x0, y3 - y0)
+    angle = math.degrees(math.atan2(y1 - y0, x1 - x0)) % 360.0
+    if abs(angle) < 1e-6 or abs(angle - 360.0) < 1e-6:
+        angle = 0.0
+    return {
+        "x": clamp_pct(x0 / width_px * 100.0),
+        "y": clamp_pct(y0 / height_px * 100.0),
+        "width": w / width_px * 100.0,
+        "height": h / height_px * 100.0,
+        "rotation": angle,
+    }
+
+
+def _base_item(
+    target: Target,
+    from_name: str,
+    type_: str,
+    value: dict[str, Any],
+    region_id: str,
+    score: float,
+    size: tuple[int, int] | None,
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": region_id,
+        "from_name": from_name,
+        "to_name": target.obj.name,
+        "type": type_,
+        "value": value,
+        "score": float(score),
+    }
+    if size is not None:
+        item["original_width"] = int(size[0])
+        item["original_height"] = int(size[1])
+        item["image_rotation"] = 0
+    if target.readonly:
+        item["readonly"] = True
+    if target.hidden:
+        item["hidden"] = True
+    return item
+
+
+def geometry_items(
+    target: Target,
+    geometry: dict[str, Any],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    text: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the linked items of one image region: geometry, labels, per-region textarea.
+
+    `geometry` is the percent value (x/y/width/height[/rotation], points, rle...). A labeled
+    control (RectangleLabels...) needs a label: without one nothing is emitted. A plain
+    control (Rectangle...) with a linked Labels tag gets a separate `labels` item with the
+    same id and geometry, and a linked per-region TextArea gets a `textarea` item.
+    """
+    control = target.control
+    region_id = region_id or new_id()
+    items: list[dict[str, Any]] = []
+    if control.tag in LABELED_GEOMETRY:
+        if label is None:
+            return []
+        value = dict(geometry)
+        value[control.tag.lower()] = [label]
+        items.append(_base_item(target, control.name, control.tag.lower(), value, region_id, score, size))
+    else:
+        items.append(
+            _base_item(target, control.name, control.tag.lower(), dict(geometry), region_id, score, size)
+        )
+        labels_control = target.linked.get("labels")
+        if labels_control is not None and label is not None:
+            value = dict(geometry)
+            value["labels"] = [label]
+            items.append(_base_item(target, labels_control.name, "labels", value, region_id, score, size))
+    textarea = target.linked.get("textarea")
+    if textarea is not None and text is not None:
+        value = dict(geometry)
+        value["text"] = [text]
+        items.append(_base_item(target, textarea.name, "textarea", value, region_id, score, size))
+    return items
+
+
+def rectangle_items(
+    target: Target,
+    box_xyxy_px: Sequence[float],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    text: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of an axis-aligned pixel box."""
+    geometry: dict[str, Any] = box_xyxy_px_to_pct(box_xyxy_px, size)
+    geometry["rotation"] = 0
+    return geometry_items(target, geometry, size, score, label, text, region_id)
+
+
+def polygon_items(
+    target: Target,
+    points_px: Iterable[Sequence[float]],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    text: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of a pixel polygon."""
+    geometry = {"points": points_px_to_pct(points_px, size), "closed": True}
+    return geometry_items(target, geometry, size, score, label, text, region_id)
+
+
+def ellipse_items(
+    target: Target,
+    center_px: Sequence[float],
+    radii_px: Sequence[float],
+    rotation_deg: float,
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of a pixel ellipse (center, radii, clockwise rotation in degrees)."""
+    width_px, height_px = size
+    geometry = {
+        "x": clamp_pct(center_px[0] / width_px * 100.0),
+        "y": clamp_pct(center_px[1] / height_px * 100.0),
+        "radiusX": float(radii_px[0]) / width_px * 100.0,
+        "radiusY": float(radii_px[1]) / height_px * 100.0,
+        "rotation": float(rotation_deg) % 360.0,
+    }
+    return geometry_items(target, geometry, size, score, label, None, region_id)
+
+
+def keypoint_items(
+    target: Target,
+    point_px: Sequence[float],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    width_pct: float = 0.5,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of one pixel keypoint."""
+    width_px, height_px = size
+    geometry = {
+        "x": clamp_pct(point_px[0] / width_px * 100.0),
+        "y": clamp_pct(point_px[1] / height_px * 100.0),
+        "width": float(width_pct),
+    }
+    return geometry_items(target, geometry, size, score, label, None, region_id)
+
+
+def brush_items(
+    target: Target,
+    mask_hw: np.ndarray,
+    score: float,
+    label: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of a binary mask at the original resolution (Label Studio brush RLE)."""
+    from serving.results.rle import mask_to_rle
+
+    height_px, width_px = mask_hw.shape[:2]
+    geometry = {"format": "rle", "rle": mask_to_rle(mask_hw)}
+    return geometry_items(target, geometry, (width_px, height_px), score, label, None, region_id)
+
+
+def span_item(
+    target: Target,
+    start: int,
+    end: int,
+    text: str,
+    label: str,
+    score: float,
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a text span item (character offsets into the task text)."""
+    value = {"start": int(start), "end": int(end), "text": text, target.control.tag.lower(): [label]}
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
+
+
+def hypertext_span_item(
+    target: Target, span: HtmlRange, label: str, score: float, region_id: str | None = None
+) -> dict[str, Any]:
+    """Build a HyperText span item: start/end XPaths, UTF-16 offsets in those nodes, globalOffsets, text."""
+    value = span.value()
+    value[target.control.tag.lower()] = [label]
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
+
+
+def paragraph_span_item(
+    target: Target,
+    paragraph: int,
+    paragraph_text: str,
+    start: int,
+    end: int,
+    label: str,
+    score: float,
+    region_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a Paragraphs span item inside one paragraph (start/end are code point offsets into its text).
+
+    Label Studio addresses it by paragraph index as a string ("2"), as its editor stores it, and offsets
+    in UTF-16 code units inside the paragraph's text.
+    """
+    from serving.results.utf16 import utf16_offset
+
+    value = {
+        "start": str(int(paragraph)),
+        "end": str(int(paragraph)),
+        "startOffset": utf16_offset(paragraph_text, start),
+        "endOffset": utf16_offset(paragraph_text, end),
+        "text": paragraph_text[start:end],
+        target.control.tag.lower(): [label],
+    }
+    return _base_item(
+        target, target.control.name, target.control.tag.lower(), value, region_id or new_id(), score, None
+    )
+
+
+def choices_item(
+    target: Target, choices: Sequence[str], score: float, size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Build a classification item."""
+    return _base_item(
+        target, target.control.name, "choices", {"choices": list(choices)}, new_id(), score, None
+    )
+
+
+def textarea_item(target: Target, texts: Sequence[str], score: float) -> dict[str, Any]:
+    """Build a whole-object textarea item (not per region)."""
+    return _base_item(target, target.control.name, "textarea", {"text": list(texts)}, new_id(), score, None)
+
+
+def region_textarea_item(
+    target: Target, geometry: dict[str, Any], size: tuple[int, int], score: float, text: str, region_id: str
+) -> dict[str, Any] | None:
+    """Build the per-region textarea item of an existing region (same id, same geometry); None without one."""
+    textarea = target.linked.get("textarea")
+    if textarea is None:
+        return None
+    value = dict(geometry)
+    value["text"] = [text]
+    return _base_item(target, textarea.name, "textarea", value, region_id, score, size)
+
+
+def prediction_score(items: Sequence[dict[str, Any]]) -> float:
+    """Return the mean score over regions (one score per region id), 0.0 when empty."""
+    by_region: dict[str, float] = {}
+    for item in items:
+        by_region.setdefault(str(item.get("id")), float(item.get("score", 0.0)))
+    if not by_region:
+        return 0.0
+    return float(sum(by_region.values()) / len(by_region))

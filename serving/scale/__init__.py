@@ -1,0 +1,1 @@
+"""Scaling out: big /predict requests split across replicas."""
