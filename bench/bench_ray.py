@@ -133,7 +133,7 @@ def run(
     runtime = None
     if actors == 0:
         runtime = build_runtime(settings, model.families, roots=[folder])
-        runner: JobRunner = JobRunner(settings, runtime.predict, chunk_size=batch)
+        runner: JobRunner = JobRunner(settings, runtime, chunk_size=batch)
     else:
         options = RayOptions(
             address=args.address or None,

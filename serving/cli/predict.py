@@ -18,6 +18,7 @@ from serving.errors import (
     Unauthorized,
 )
 from serving.fetch.local import file_to_data_uri
+from serving.inference.runtime import Runtime
 from serving.jobs.output import iter_output, iter_result_text
 from serving.jobs.runner import JobRunner
 from serving.jobs.store import JobFailed, JobStore, create_store
@@ -219,14 +220,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not input_path.exists():
         raise UsageError(f"--input {args.input}: no such file or folder")
     state = default_state(args)
-    settings = Settings.from_env()
-    if args.ls_url:
-        settings = settings.with_(label_studio_url=args.ls_url, label_studio_api_key=args.ls_key or "")
     folder = input_path if input_path.is_dir() else input_path.parent
-    settings = settings.with_(
-        batch_input_root=str(folder), predict_timeout_s=max(settings.predict_timeout_s, 3600.0)
-    )
-
+    settings = _settings(args, folder)
     if (
         input_path.is_dir()
         and not args.url_prefix
@@ -236,6 +231,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "images are written as file:// URIs, which Label Studio cannot show: pass --url-prefix (where the "
             "same files are served) or put the folder under LOCAL_FILES_DOCUMENT_ROOT"
         )
+    _open_state(args, state, label_config, input_path)
+    runner, runtime = _runner(args, settings, folder)
+    progress = _Progress("predict", args.quiet)
+    try:
+        meta = runner.run(state, progress=progress)
+    finally:
+        progress.close()
+        if runtime is not None:
+            runtime.close()
+    if meta is None:
+        log.error("another process is running this job (%s is locked)", state)
+        return EXIT_FAILED
+    if meta.get("state") != "done":
+        log.error("prediction %s: %s; rerun with --resume to continue", meta.get("state"), meta.get("error"))
+        return EXIT_FAILED
+    store = JobStore(state)
+    try:
+        _deliver(args, store, meta)
+    finally:
+        store.close()
+    if not args.keep_state:
+        remove_state(state)
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace, folder: Path) -> Settings:
+    """Return the settings of a run: the environment's, Label Studio's from the flags, file:// under `folder`."""
+    settings = Settings.from_env()
+    if args.ls_url:
+        settings = settings.with_(label_studio_url=args.ls_url, label_studio_api_key=args.ls_key or "")
+    return settings.with_(
+        batch_input_root=str(folder), predict_timeout_s=max(settings.predict_timeout_s, 3600.0)
+    )
+
+
+def _open_state(args: argparse.Namespace, state: Path, label_config: str, input_path: Path) -> None:
+    """Create the run's state (a job store), or check and reopen an earlier run's with --resume."""
     if state.exists() and args.force:
         remove_state(state)
     if state.exists():
@@ -252,94 +284,77 @@ def cmd_predict(args: argparse.Namespace) -> int:
             store.set(state="queued", error=None, cancel_requested=False)
         store.close()
         log.info("resuming from %s", state)
-    else:
-        if args.resume:
-            log.info("no earlier run at %s; starting", state)
-        state.parent.mkdir(parents=True, exist_ok=True)
-        create_store(
-            state,
-            label_config,
-            input_path=input_path,
-            url_prefix=args.url_prefix or "",
-            job_id="cli",
-            extra={"cli_input": str(input_path)},
-        ).close()
+        return
+    if args.resume:
+        log.info("no earlier run at %s; starting", state)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    create_store(
+        state,
+        label_config,
+        input_path=input_path,
+        url_prefix=args.url_prefix or "",
+        job_id="cli",
+        extra={"cli_input": str(input_path)},
+    ).close()
 
-    runtime = None
+
+def _runner(args: argparse.Namespace, settings: Settings, folder: Path) -> tuple[JobRunner, Runtime | None]:
+    """Return the runner of --engine (Ray, a --server, or the models in this process) and its runtime if any."""
     chunk = args.chunk_size or (16 if args.server else 32)
     if args.engine == "ray":
-        runner = build_ray_runner(args, settings, folder, chunk)
-    else:
-        if args.server:
-            auth = tuple(args.basic_auth.split(":", 1)) if args.basic_auth else None
-            predict_fn: Any = HttpPredictor(args.server, auth=auth)  # type: ignore[arg-type]
-        else:
-            if args.families is None:
-                raise UsageError(
-                    "no model families to run here: start the command line as `python -m serving`"
-                )
-            from serving.inference.build import build_runtime  # torch and models load only for `predict`
+        return build_ray_runner(args, settings, folder, chunk), None
+    if args.server:
+        auth = tuple(args.basic_auth.split(":", 1)) if args.basic_auth else None
+        return JobRunner(settings, HttpPredictor(args.server, auth=auth), chunk_size=chunk), None  # type: ignore[arg-type]
+    if args.families is None:
+        raise UsageError("no model families to run here: start the command line as `python -m serving`")
+    from serving.inference.build import build_runtime  # torch and models load only for `predict`
 
-            runtime = build_runtime(settings, args.families, roots=[folder])
-            predict_fn = runtime.predict
-        runner = JobRunner(settings, predict_fn, chunk_size=chunk)
-    progress = _Progress("predict", args.quiet)
+    runtime = build_runtime(settings, args.families, roots=[folder])
+    return JobRunner(settings, runtime, chunk_size=chunk), runtime
+
+
+def _deliver(args: argparse.Namespace, store: JobStore, meta: dict[str, Any]) -> None:
+    """Log the failed tasks, write --output / --output-dir, and --push to Label Studio."""
+    failed = int(meta.get("failed") or 0)
+    if failed:
+        for idx, task, _, error in iter_output(store):
+            if error:
+                log.warning("task #%d%s: %s", idx, f" (id {task.get('id')})" if "id" in task else "", error)
+    if args.output:
+        write_output(store, Path(args.output))
+        log.info("wrote %s (%d tasks, %d failed)", args.output, meta.get("total"), failed)
+    if args.output_dir:
+        n = write_output_dir(store, Path(args.output_dir))
+        log.info("wrote %d task files to %s", n, args.output_dir)
+    if args.push:
+        _push(args, store)
+
+
+def _push(args: argparse.Namespace, store: JobStore) -> None:
+    """Send the predictions to the Label Studio project (--push-mode)."""
+    from serving.jobs.push import LabelStudioPusher
+
+    pusher = LabelStudioPusher(
+        args.ls_url,
+        args.ls_key,
+        args.project,
+        chunk_size=args.push_chunk_size,
+        import_interval_s=args.import_interval,
+    )
+    bar = _Progress("push", args.quiet)
     try:
-        meta = runner.run(state, progress=progress)
+        summary = pusher.push(store, args.push_mode, progress=bar)
     finally:
-        progress.close()
-        if runtime is not None:
-            runtime.close()
-    if meta is None:
-        log.error("another process is running this job (%s is locked)", state)
-        return EXIT_FAILED
-    if meta.get("state") != "done":
-        log.error("prediction %s: %s; rerun with --resume to continue", meta.get("state"), meta.get("error"))
-        return EXIT_FAILED
-
-    store = JobStore(state)
-    try:
-        failed = int(meta.get("failed") or 0)
-        if failed:
-            for idx, task, _, error in iter_output(store):
-                if error:
-                    log.warning(
-                        "task #%d%s: %s", idx, f" (id {task.get('id')})" if "id" in task else "", error
-                    )
-        if args.output:
-            write_output(store, Path(args.output))
-            log.info("wrote %s (%d tasks, %d failed)", args.output, meta.get("total"), failed)
-        if args.output_dir:
-            n = write_output_dir(store, Path(args.output_dir))
-            log.info("wrote %d task files to %s", n, args.output_dir)
-        if args.push:
-            from serving.jobs.push import LabelStudioPusher
-
-            pusher = LabelStudioPusher(
-                args.ls_url,
-                args.ls_key,
-                args.project,
-                chunk_size=args.push_chunk_size,
-                import_interval_s=args.import_interval,
-            )
-            bar = _Progress("push", args.quiet)
-            try:
-                summary = pusher.push(store, args.push_mode, progress=bar)
-            finally:
-                bar.close()
-            log.info(
-                "pushed to project %d (%s): %d sent, %d already there, %d skipped",
-                args.project,
-                summary["mode"],
-                summary["sent"],
-                summary["already_sent"],
-                summary["skipped"],
-            )
-    finally:
-        store.close()
-    if not args.keep_state:
-        remove_state(state)
-    return EXIT_OK
+        bar.close()
+    log.info(
+        "pushed to project %d (%s): %d sent, %d already there, %d skipped",
+        args.project,
+        summary["mode"],
+        summary["sent"],
+        summary["already_sent"],
+        summary["skipped"],
+    )
 
 
 def _under(path: Path, root: str) -> bool:

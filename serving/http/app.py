@@ -15,7 +15,6 @@ from serving.http.versions import versions_blueprint
 from serving.inference.runtime import Runtime
 from serving.jobs.engines import server_engines
 from serving.jobs.manager import JobManager
-from serving.scale.replicas import Splitter
 from serving.service.model import ModelService
 from serving.settings import Settings
 
@@ -38,14 +37,13 @@ def create_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]
     handlers.install(app, settings, runtime.metrics)
 
-    splitter = Splitter(settings, runtime.metrics)  # a no-op unless REPLICA_URLS is set
     # classes pickle by reference: each Ray actor imports backends/ itself
     engines = server_engines(settings, dict(runtime.families))
-    jobs = JobManager(settings, runtime.predict, chunk_size=settings.job_chunk_size, engines=engines)
+    jobs = JobManager(settings, runtime, chunk_size=settings.job_chunk_size, engines=engines)
     jobs.sources.append(model.training_jobs)  # GET /jobs/{id} shows training jobs too
-    app.extensions.update(lsml_model=model, lsml_settings=settings, lsml_splitter=splitter, lsml_jobs=jobs)
+    app.extensions.update(lsml_model=model, lsml_settings=settings, lsml_jobs=jobs)
 
-    app.register_blueprint(predict_blueprint(model, splitter))
+    app.register_blueprint(predict_blueprint(model))
     app.register_blueprint(training_blueprint(model))
     app.register_blueprint(versions_blueprint(model))
     app.register_blueprint(jobs_blueprint(jobs))
@@ -61,9 +59,6 @@ def shutdown(app: Flask, timeout: float = 20.0) -> None:
     manager = app.extensions.get("lsml_jobs")
     if manager is not None:
         manager.close(timeout)
-    splitter = app.extensions.get("lsml_splitter")
-    if splitter is not None:
-        splitter.close()
     model = app.extensions.get("lsml_model")
     if model is not None:
         model.close(max(0.0, deadline - time.monotonic()) / 2)

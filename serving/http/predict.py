@@ -8,12 +8,12 @@ from flask import Blueprint, Response, jsonify, request
 
 from serving.errors import BadRequest, PayloadTooLarge
 from serving.http.body import json_body
-from serving.scale.replicas import Splitter
+from serving.scale.replicas import FORWARDED_HEADER
 from serving.service.model import ModelService
 
 
-def predict_blueprint(model: ModelService, splitter: Splitter) -> Blueprint:
-    """Return the blueprint of the model routes over `model` (big /predict requests split by `splitter`)."""
+def predict_blueprint(model: ModelService) -> Blueprint:
+    """Return the blueprint of the model routes over `model`."""
     bp = Blueprint("predict", __name__)
     settings = model.settings
     runtime = model.runtime
@@ -68,28 +68,14 @@ def predict_blueprint(model: ModelService, splitter: Splitter) -> Blueprint:
         context = params.get("context") if isinstance(params, dict) else None
         if context is not None and not isinstance(context, dict):
             raise BadRequest("'params.context' must be an object or null")
-        project = body.get("project")
-        if splitter.applies(len(tasks), request.headers, context):
-            config = model.config_for(label_config, str(project) if project else None)
-            # the plan this project is served with (its trained models in): a bad config is refused
-            # here, not once per chunk, and a failed chunk's entries carry the version /setup gave
-            plan = model.serving_plan(str(project) if project else None, config)
-            version = runtime.model_version(plan)
-            results = splitter.predict(
-                tasks,
-                label_config=config,
-                version=version,
-                params=params,
-                project=project,
-                authorization=request.headers.get("Authorization"),
-                local=lambda chunk: model.predict(
-                    chunk, context=context, label_config=config, project=str(project) if project else None
-                ),
-            )
-            model.seen.add(config)
-            return jsonify({"results": results})
-        results = model.predict(
-            tasks, context=context, label_config=label_config, project=str(project) if project else None
+        results = model.predict_request(
+            tasks,
+            context=context,
+            label_config=label_config,
+            project=body.get("project"),
+            params=params,
+            forwarded=bool(request.headers.get(FORWARDED_HEADER)),
+            authorization=request.headers.get("Authorization"),
         )
         return jsonify({"results": results})
 

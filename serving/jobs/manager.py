@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import BadRequest, NotFound
+from serving.inference.runtime import Runtime
 from serving.jobs.inputs import normalize_task
 from serving.jobs.output import iter_result_text, job_status, output_task
-from serving.jobs.runner import JobRunner, PredictFn, runtime_of
+from serving.jobs.predictor import PredictFn, Predictor
+from serving.jobs.runner import JobRunner
 from serving.jobs.store import TERMINAL, JobFailed, JobNotReady, JobStore, create_store, now
 from serving.settings import Settings
 from serving.util.locks import FileLock
@@ -57,7 +59,7 @@ class JobManager:
     def __init__(
         self,
         settings: Settings,
-        predict_fn: PredictFn,
+        predictor: Predictor | Runtime | PredictFn,
         *,
         root: str | Path | None = None,
         chunk_size: int | None = None,
@@ -67,12 +69,11 @@ class JobManager:
         engines: Mapping[str, EngineFactory] | None = None,
     ) -> None:
         self.settings = settings
-        self.predict_fn = predict_fn
         self.root = Path(root) if root is not None else Path(settings.model_dir) / "jobs"
         self.sync_limit = sync_limit
         self.rescan_s = rescan_s if rescan_s is not None else getattr(settings, "job_rescan_s", 30.0)
         self._stop = threading.Event()
-        self.runner = JobRunner(settings, predict_fn, chunk_size, stop=self._stop)
+        self.runner = JobRunner(settings, predictor, chunk_size, stop=self._stop)
         # other engines (Ray) build their runner on first use, with the manager's stop event
         self._engine_factories: dict[str, EngineFactory] = dict(engines or {})
         self._runners: dict[str, JobRunner] = {"local": self.runner}
@@ -225,9 +226,7 @@ class JobManager:
         from serving.results.schema import ConfigSchema
 
         ConfigSchema.from_config(label_config)
-        runtime = runtime_of(self.predict_fn)
-        if runtime is not None:
-            runtime.check(runtime.plan(label_config))
+        self.runner.predictor.check(label_config)
 
     def create(
         self,

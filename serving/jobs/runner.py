@@ -6,7 +6,6 @@ A crash at any point resumes from the last committed chunk with no task lost and
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import threading
@@ -16,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import Overloaded, ServingError
+from serving.inference.runtime import Runtime, TaskFailure
 from serving.jobs.inputs import iter_source
+from serving.jobs.predictor import PredictFn, Predictor, as_predictor
 from serving.jobs.store import INGEST_BATCH, TERMINAL, JobFailed, JobStore, now
 from serving.settings import Settings
 from serving.util.locks import FileLock
@@ -25,16 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 32
 
-PredictFn = Callable[..., list[dict[str, Any]]]
 ProgressFn = Callable[[int, int | None], None]
-
-
-def runtime_of(predict_fn: Any) -> Any:
-    """Return the Runtime behind a bound Runtime.predict, or None (fakes, HTTP clients)."""
-    owner = getattr(predict_fn, "__self__", None)
-    if owner is not None and all(hasattr(owner, a) for a in ("plan", "check", "slot")):
-        return owner
-    return None
 
 
 class RunProgress:
@@ -48,21 +40,13 @@ class RunProgress:
         self.started = time.monotonic()
 
 
-def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
-    """Return True when fn takes a keyword argument `name` (optional extras of Runtime.predict)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class JobRunner:
     """Run one job store to completion, chunk by chunk, committing each chunk with the progress."""
 
     def __init__(
         self,
         settings: Settings,
-        predict_fn: PredictFn,
+        predictor: Predictor | Runtime | PredictFn,
         chunk_size: int | None = None,
         stop: threading.Event | None = None,
         retries: int = 5,
@@ -71,14 +55,12 @@ class JobRunner:
         chunk_timeout_s: float = 3600.0,
     ) -> None:
         self.settings = settings
-        self.predict_fn = predict_fn
+        self.predictor = as_predictor(predictor)
         self.chunk_size = max(1, int(chunk_size or getattr(settings, "job_chunk_size", 0) or DEFAULT_CHUNK))
         self.stop = stop or threading.Event()
         self.retries = retries
         self.backoff_s = backoff_s
         self.ready_timeout_s = ready_timeout_s
-        self._with_failures = _accepts_kwarg(predict_fn, "failures")
-        self._with_timeout = _accepts_kwarg(predict_fn, "timeout_s")
         self.chunk_timeout_s = chunk_timeout_s
 
     # ---- public ----
@@ -240,38 +222,19 @@ class JobRunner:
         )
 
     def wait_ready(self, label_config: str) -> None:
-        """Wait for the runtime's models of this config (a job must not fail while a model still loads)."""
-        runtime = runtime_of(self.predict_fn)
-        if runtime is None:
-            return
-        plan = runtime.plan(label_config)
-        runtime.check(plan)
-        deadline = time.monotonic() + self.ready_timeout_s
-        for spec in plan.specs:
-            slot = runtime.slot(spec)
-            while not slot.ready.wait(0.5):
-                if self.stop.is_set() or time.monotonic() > deadline:
-                    raise JobFailed(
-                        f"model {spec.key} did not finish loading in {self.ready_timeout_s:.0f} s"
-                    )
-            if slot.failed:
-                raise JobFailed(f"model {spec.key} is {slot.state}")
+        """Wait for the predictor's models of this config (a job must not fail while a model still loads)."""
+        self.predictor.ready(label_config, self.ready_timeout_s, self.stop)
 
     def _call(
         self, label_config: str, tasks: list[dict[str, Any]]
     ) -> list[tuple[dict[str, Any] | None, str | None]]:
-        failures: list[Any] = []
-        kwargs: dict[str, Any] = {}
-        if self._with_failures:
-            kwargs["failures"] = failures
-        if self._with_timeout:
-            # a job chunk is not bound by Label Studio's 100 s /predict timeout
-            kwargs["timeout_s"] = self.chunk_timeout_s
-        predictions = self.predict_fn(label_config, tasks, **kwargs)
+        failures: list[TaskFailure] = []
+        # a job chunk is not bound by Label Studio's 100 s /predict timeout
+        predictions = self.predictor.predict(label_config, tasks, failures, self.chunk_timeout_s)
         if not isinstance(predictions, list) or len(predictions) != len(tasks):
             got = len(predictions) if isinstance(predictions, list) else type(predictions).__name__
             raise RuntimeError(f"predict returned {got} predictions for {len(tasks)} tasks")
-        reasons = {int(f.index): str(f.reason) for f in failures if getattr(f, "index", None) is not None}
+        reasons = {f.index: f.reason for f in failures}
         out: list[tuple[dict[str, Any] | None, str | None]] = []
         for i, p in enumerate(predictions):
             pred = p if isinstance(p, dict) else None

@@ -58,9 +58,9 @@ class Splitter:
         """Return True when there are replicas to split over."""
         return bool(self.urls) and self.ways >= 2
 
-    def applies(self, n_tasks: int, headers: Any, context: Any) -> bool:
-        """Return True for a big, non-interactive request that is not itself a forwarded chunk (headers: a mapping)."""
-        if not self.enabled or n_tasks <= self.min_tasks or headers.get(FORWARDED_HEADER):
+    def applies(self, n_tasks: int, forwarded: bool, context: Any) -> bool:
+        """Return True for a big, non-interactive request that is not itself a forwarded chunk (FORWARDED_HEADER)."""
+        if not self.enabled or n_tasks <= self.min_tasks or forwarded:
             return False
         return not (isinstance(context, Mapping) and context.get("result"))
 

@@ -11,6 +11,7 @@ from serving.contract import ModelSpec
 from serving.errors import BadRequest, ConfigError, NotFound, TrainingUnavailable
 from serving.inference.runtime import Runtime, TaskFailure
 from serving.plan.planner import Plan
+from serving.scale.replicas import Splitter
 from serving.service.configs import SeenConfigs
 from serving.settings import Settings
 from serving.training.names import project_key, training_device
@@ -40,6 +41,7 @@ class ModelService:
         self.settings = settings
         self.runtime = runtime
         self.seen = SeenConfigs(settings.model_path / "configs")
+        self.splitter = Splitter(settings, runtime.metrics)  # a no-op unless REPLICA_URLS is set
         self._projects: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.families_ref = families_ref
@@ -135,6 +137,41 @@ class ModelService:
         predictions = self.runtime.predict(config, tasks, context=context, failures=failures, plan=plan)
         self.seen.add(config)  # planned without error: a config this server serves
         return predictions
+
+    def predict_request(
+        self,
+        tasks: Sequence[Any],
+        *,
+        context: Mapping[str, Any] | None = None,
+        label_config: str | None = None,
+        project: Any = None,
+        params: Any = None,
+        forwarded: bool = False,
+        authorization: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Answer a /predict request: one prediction per task, in order; a big one split over the replicas.
+
+        `forwarded`: the request is a chunk another replica split off (never split again);
+        `authorization`: the request's header, which the forwarded chunks carry on.
+        """
+        key = str(project) if project else None
+        if not self.splitter.applies(len(tasks), forwarded, context):
+            return self.predict(tasks, context=context, label_config=label_config, project=key)
+        config = self.config_for(label_config, key)
+        # the plan this project is served with (its trained models in): a bad config is refused
+        # here, not once per chunk, and a failed chunk's entries carry the version /setup gave
+        version = self.runtime.model_version(self.serving_plan(key, config))
+        results = self.splitter.predict(
+            tasks,
+            label_config=config,
+            version=version,
+            params=params,
+            project=project,
+            authorization=authorization,
+            local=lambda chunk: self.predict(chunk, context=context, label_config=config, project=key),
+        )
+        self.seen.add(config)
+        return results
 
     # ---- trained models: which plan a project is served with ----
     def trained_models(self, project: str) -> dict[str, ModelSpec]:
@@ -327,7 +364,8 @@ class ModelService:
         return {"job_status": state, "job": self.training_store.status(job, log_lines=0)}
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the trainer this worker started (its job goes back to queued and resumes later)."""
+        """Stop forwarding split chunks, and the trainer this worker started (its job resumes later)."""
+        self.splitter.close()
         if self.supervisor is not None:
             self.supervisor.close(timeout)
 

@@ -85,7 +85,7 @@ class RayPredictor:
         started = time.monotonic()
         self.label_config = label_config
         self.runtime = factory.build()
-        self.runner = JobRunner(factory.settings, self.runtime.predict, ready_timeout_s=ready_timeout_s)
+        self.runner = JobRunner(factory.settings, self.runtime, ready_timeout_s=ready_timeout_s)
         self.runner.wait_ready(label_config)
         log.info("Ray predictor ready on %s in %.1f s", self.runtime.device, time.monotonic() - started)
 
