@@ -25,7 +25,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 
 from serving.contract import LabelMap, ModelSpec, Target, weights_fingerprint
 from serving.results.regions import LABELED_GEOMETRY
+from serving.settings import torch_checkpoints_dir
 
 if TYPE_CHECKING:
     import torch
@@ -175,12 +175,8 @@ def checkpoints_dir() -> Path:
         import torch.hub
 
         return Path(torch.hub.get_dir()) / "checkpoints"
-    # /setup and /health must answer in milliseconds, and importing torch can take seconds: apply
-    # torch.hub.get_dir()'s own rule. These are torch's variables, which torch itself reads on load.
-    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch"
-    )
-    return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
+    # /setup and /health must answer in milliseconds, and importing torch can take seconds
+    return torch_checkpoints_dir()
 
 
 def model_info(name: str) -> TorchvisionModel:

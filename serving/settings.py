@@ -1,4 +1,4 @@
-"""Settings.from_env(): the only reader of os.environ in the project."""
+"""Settings.from_env(): the only module of the project that reads os.environ (and torch's cache variables)."""
 
 from __future__ import annotations
 
@@ -152,3 +152,14 @@ class Settings:
                 value = "***"
             out[f.name] = value
         return out
+
+
+def torch_checkpoints_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Return torch's hub checkpoint folder as torch.hub.get_dir() finds it, without importing torch.
+
+    TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch: torch's own variables, read when
+    asked (torch reads them itself when it loads), so that /setup and /health need not import torch.
+    """
+    env = os.environ if env is None else env
+    home = env.get("TORCH_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"

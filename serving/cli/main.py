@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +16,7 @@ from serving.errors import (
     ServingError,
 )
 from serving.jobs.store import JobFailed
+from serving.settings import Settings
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -24,11 +24,19 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_pa
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser."""
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (predict, validate, train, weights):
         command.add_parser(sub)
     return parser
+
+
+def _env_log_level() -> str:
+    """Return LOG_LEVEL (INFO when the environment holds a setting that does not parse: the command says so)."""
+    try:
+        return Settings.from_env().log_level
+    except ValueError:
+        return "INFO"
 
 
 def main(argv: Sequence[str] | None = None, families: Families | None = None) -> int:
@@ -37,7 +45,7 @@ def main(argv: Sequence[str] | None = None, families: Families | None = None) ->
     args = parser.parse_args(argv)
     args.families = families
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(args.log_level or _env_log_level()).upper(), logging.INFO),
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )

@@ -207,6 +207,9 @@ def write_output_dir(store: JobStore, folder: Path) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run a resumable batch prediction and write/push the results."""
+    env = Settings.from_env()
+    args.ls_url = args.ls_url or env.label_studio_url
+    args.ls_key = args.ls_key or env.label_studio_api_key
     if not (args.output or args.output_dir or args.push):
         raise UsageError("say where results go: --output FILE, --output-dir DIR, and/or --push")
     if args.engine == "ray" and args.server:
@@ -221,7 +224,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--input {args.input}: no such file or folder")
     state = default_state(args)
     folder = input_path if input_path.is_dir() else input_path.parent
-    settings = _settings(args, folder)
+    settings = _settings(args, env, folder)
     if (
         input_path.is_dir()
         and not args.url_prefix
@@ -256,9 +259,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _settings(args: argparse.Namespace, folder: Path) -> Settings:
+def _settings(args: argparse.Namespace, settings: Settings, folder: Path) -> Settings:
     """Return the settings of a run: the environment's, Label Studio's from the flags, file:// under `folder`."""
-    settings = Settings.from_env()
     if args.ls_url:
         settings = settings.with_(label_studio_url=args.ls_url, label_studio_api_key=args.ls_key or "")
     return settings.with_(
@@ -421,11 +423,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--push", action="store_true", help="send the predictions to an existing Label Studio project"
     )
-    p.add_argument("--ls-url", default=os.environ.get("LABEL_STUDIO_URL", ""), help="Label Studio URL")
+    p.add_argument("--ls-url", default="", help="Label Studio URL (default LABEL_STUDIO_URL)")
     p.add_argument(
         "--ls-key",
-        default=os.environ.get("LABEL_STUDIO_API_KEY", ""),
-        help="legacy API token or personal access token",
+        default="",
+        help="legacy API token or personal access token (default LABEL_STUDIO_API_KEY)",
     )
     p.add_argument("--project", type=int, help="Label Studio project id for --push")
     p.add_argument(
