@@ -549,7 +549,7 @@ class OpenVocabBackend(Backend):
                 torch.tensor(chunk.phrase_entry, dtype=torch.long, device=self.device),
             )
             prompts.cache[key] = hit
-        return hit  # type: ignore[no-any-return]
+        return hit
 
     def _text_features(self, prompts: ov.PromptSet, chunk_ids: list[int], width: int) -> torch.Tensor:
         """Return the text encoder's output for chunks (padded to width): each chunk encoded once per prompt set."""
@@ -608,7 +608,7 @@ class OpenVocabBackend(Backend):
         if hit is None:
             hit = torch.tensor(prompts.query_entry, dtype=torch.long, device=self.device)
             prompts.cache[key] = hit
-        return hit  # type: ignore[no-any-return]
+        return hit
 
     def _query_embeds(self, prompts: ov.PromptSet) -> torch.Tensor:
         """Return OWLv2's normalised query embeddings of a prompt set, computed once per set."""
@@ -617,7 +617,7 @@ class OpenVocabBackend(Backend):
         if hit is None:
             hit = self.encode_queries(prompts)
             prompts.cache[key] = hit
-        return hit  # type: ignore[no-any-return]
+        return hit
 
     def encode_queries(self, prompts: ov.PromptSet, copies: int = 1) -> torch.Tensor:
         """Encode the prompt set's queries (`copies` times over, as the model does per image): normalised."""
@@ -662,7 +662,7 @@ def encode_dino_text(
     out = text_backbone(
         input_ids, attention[:, None], torch.zeros_like(input_ids), positions, return_dict=True
     )
-    return out.last_hidden_state  # type: ignore[no-any-return]
+    return out.last_hidden_state
 
 
 def _cached_text_backbone(inner: Any) -> Any:

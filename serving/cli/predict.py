@@ -307,7 +307,7 @@ def _runner(args: argparse.Namespace, settings: Settings, folder: Path) -> tuple
         return build_ray_runner(args, settings, folder, chunk), None
     if args.server:
         auth = tuple(args.basic_auth.split(":", 1)) if args.basic_auth else None
-        return JobRunner(settings, HttpPredictor(args.server, auth=auth), chunk_size=chunk), None  # type: ignore[arg-type]
+        return JobRunner(settings, HttpPredictor(args.server, auth=auth), chunk_size=chunk), None
     if args.families is None:
         raise UsageError("no model families to run here: start the command line as `python -m serving`")
     from serving.inference.build import build_runtime  # torch and models load only for `predict`

@@ -12,12 +12,19 @@ def environment_reads(path: Path) -> list[int]:
     """Return the lines of a module that read os.environ or call os.getenv / os.putenv."""
     lines = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Attribute) and node.attr in {"environ", "getenv", "putenv", "environb"}:
-            if isinstance(node.value, ast.Name) and node.value.id == "os":
-                lines.append(node.lineno)
-        if isinstance(node, ast.ImportFrom) and node.module == "os":
-            if any(a.name in {"environ", "getenv", "environb"} for a in node.names):
-                lines.append(node.lineno)
+        reads_attribute = (
+            isinstance(node, ast.Attribute)
+            and node.attr in {"environ", "getenv", "putenv", "environb"}
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        )
+        imports_name = (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "os"
+            and any(a.name in {"environ", "getenv", "environb"} for a in node.names)
+        )
+        if reads_attribute or imports_name:
+            lines.append(node.lineno)
     return lines
 
 

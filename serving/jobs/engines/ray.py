@@ -300,7 +300,7 @@ class RayJobRunner(JobRunner):
                 results.put(("error", exc))
             finally:
                 with contextlib.suppress(Exception):
-                    batches.close()  # type: ignore[attr-defined]
+                    batches.close()
 
         threading.Thread(target=produce, name="ray-results", daemon=True).start()
         timeout = self.options.stall_timeout_s
