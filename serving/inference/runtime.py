@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,11 +13,12 @@ from typing import Any
 from serving.contract import Backend, Item, ModelSpec, ObjectTag, Target
 from serving.errors import InputError, ModelUnavailable, Overloaded
 from serving.fetch.local import build_resolver
+from serving.fetch.lsclient import LabelStudioClient
 from serving.fetch.resolver import Resolver
-from serving.inference.batching import Batcher
-from serving.inference.device import pick_device, torch_context
+from serving.inference.device import pick_device
 from serving.inference.metrics import Metrics
 from serving.inference.prepare import prepare
+from serving.inference.slot import ModelSlot
 from serving.plan.planner import Plan, Planner
 from serving.plan.version import plan_version
 from serving.results.regions import prediction_score
@@ -25,40 +26,6 @@ from serving.settings import Settings
 from serving.util.embeddings import EmbeddingCache
 
 log = logging.getLogger(__name__)
-
-# One model loads at a time in a process: transformers' from_pretrained patches torch globally while
-# it builds a model (default dtype, meta-device construction, init functions), so two loads in
-# parallel threads corrupt each other ("Cannot copy out of meta tensor"; seen with Grounded-SAM's
-# detector and the interactive SAM family of one config loading at once).
-_LOAD_LOCK = threading.Lock()
-
-
-@dataclass
-class ModelSlot:
-    """One loaded (or loading, or failed) model and the batcher that owns it."""
-
-    spec: ModelSpec
-    backend: Backend
-    state: str = "idle"  # idle | loading | ready | unavailable: <why>
-    ready: threading.Event = field(default_factory=threading.Event)
-    batcher: Batcher | None = None
-    load_seconds: float = 0.0
-    pending: int = 0  # items being decoded for this model, across requests
-    pending_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add_pending(self, delta: int) -> None:
-        """Count items in preparation (the batcher waits for company only while some are)."""
-        with self.pending_lock:
-            self.pending += delta
-
-    def expecting(self) -> bool:
-        """Return True while items for this model are still being prepared."""
-        return self.pending > 0
-
-    @property
-    def failed(self) -> bool:
-        """Return True when the model cannot serve."""
-        return self.state.startswith("unavailable")
 
 
 @dataclass
@@ -68,6 +35,40 @@ class TaskFailure:
     index: int
     task_id: Any
     reason: str
+
+
+@dataclass
+class _Call:
+    """One predict call: its tasks, the interactive context (None for a plain call), per-task results and reasons."""
+
+    tasks: Sequence[Any]
+    context: Mapping[str, Any] | None
+    deadline: float
+    timeout_s: float
+    results: list[list[dict[str, Any]]] = field(init=False)
+    reasons: dict[int, str] = field(default_factory=dict)
+    prompt_needed: set[int] = field(default_factory=set)  # answered without a result: a click is the input
+
+    def __post_init__(self) -> None:
+        self.results = [[] for _ in self.tasks]
+
+    @property
+    def late(self) -> str:
+        """Return the reason of a task whose prediction missed the deadline."""
+        return f"prediction did not finish within its deadline ({self.timeout_s:g} s, PREDICT_TIMEOUT_S)"
+
+    def fail_all(self, reason: str, prompt: bool = False) -> None:
+        """Give every task this reason unless it has one already."""
+        for i in range(len(self.tasks)):
+            self.reasons.setdefault(i, reason)
+            if prompt:
+                self.prompt_needed.add(i)
+
+
+# (task index, model slot, its targets, the preparation's future) and the later stages' tuples
+_Preparing = tuple[int, ModelSlot, list[Target], Future[tuple[Item, Any]]]
+_Forwarded = tuple[int, ModelSlot, list[Target], Item, Future[Any]]
+_Posting = tuple[int, Future[list[dict[str, Any]]]]
 
 
 class Runtime:
@@ -115,7 +116,7 @@ class Runtime:
         return self._resolver
 
     @property
-    def client(self) -> Any:
+    def client(self) -> LabelStudioClient | None:
         """Return the Label Studio client the resolver fetches with (None for resolvers without one)."""
         return getattr(self.resolver, "client", None)
 
@@ -159,40 +160,7 @@ class Runtime:
         return slot
 
     def _load(self, slot: ModelSlot) -> None:
-        started = time.perf_counter()
-        backend = slot.backend
-        try:
-            with _LOAD_LOCK:
-                backend.load(self.device)
-            backend.device = getattr(backend, "device", None) or self.device
-            max_batch = self.settings.max_batch_size or type(backend).max_batch_size
-            slot.batcher = Batcher(
-                slot.spec.key,
-                self._forward_fn(backend),
-                max_batch_size=max_batch,
-                max_wait_ms=self.settings.max_wait_ms,
-                queue_size=self.settings.queue_size,
-                on_batch=self.metrics.observe_batch,
-                expecting=slot.expecting,
-            )
-            slot.state = "ready"
-            slot.load_seconds = time.perf_counter() - started
-            log.info("model %s ready on %s in %.1f s", slot.spec.key, self.device, slot.load_seconds)
-        except Exception as exc:
-            slot.state = f"unavailable: load failed: {str(exc)[:300]}"
-            self.metrics.errors.labels(slot.spec.key, "load").inc()
-            log.exception("model %s failed to load", slot.spec.key)
-        finally:
-            slot.ready.set()
-
-    def _forward_fn(self, backend: Backend) -> Callable[[list[Any]], list[Any]]:
-        fp16 = self.settings.fp16 and type(backend).fp16
-
-        def run(batch: list[Any]) -> list[Any]:
-            with backend.lock, torch_context(self.device, fp16):
-                return backend.forward(batch)
-
-        return run
+        slot.load(self.device, self.settings, self.metrics)
 
     def release(self, spec: ModelSpec, grace_s: float | None = None) -> None:
         """Forget a model no plan uses any more (a replaced trained version); free it after `grace_s`.
@@ -296,90 +264,86 @@ class Runtime:
         failures answer an empty result (with the error) that the labeling page can show as nothing.
         """
         plan = plan or self.plan(label_config)
-        version = self.model_version(plan)
         timeout = self.settings.predict_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
-        n = len(tasks)
-        results: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        reasons: dict[int, str] = {}
         interactive = bool(context and isinstance(context, Mapping) and context.get("result"))
+        call = _Call(tasks, context if interactive else None, time.monotonic() + timeout, timeout)
+        groups = self._ready_groups(plan, call)
+        window = 256  # tasks in preparation at once: bounds the decoded images held in memory
+        for start in range(0, len(tasks), window):
+            self._drain(
+                self._submit_prepare(call, groups, range(start, min(len(tasks), start + window))), call
+            )
+        schema = _schema(label_config)
+        version = self.model_version(plan)
+        return [self._answer(call, i, schema, version, failures) for i in range(len(tasks))]
 
+    def _ready_groups(self, plan: Plan, call: _Call) -> list[tuple[ModelSlot, ObjectTag, list[Target]]]:
+        """Return the plan's groups whose model is ready; give every task the reason of any that is not."""
         groups = []
-        prompt_needed: set[int] = set()
-        for spec, obj, targets in self._groups(plan, context if interactive else None):
+        for spec, obj, targets in self._groups(plan, call.context):
             slot = self.slot(spec)
             hint = self.family(spec).interactive_only
-            if hint and not interactive:
+            if hint and call.context is None:
                 # A prompt is this model's input: nothing to predict, and nothing to wait for. The
                 # task is answered without "result" (Label Studio stores nothing and asks again next
                 # time it opens the task); a task being opened warms the model for the first click.
-                reason = hint if not slot.failed else f"model {spec.key} is {slot.state}"
-                if n == 1:
-                    self._start_prefetch(slot, tasks[0], obj)
+                if len(call.tasks) == 1:
+                    self._start_prefetch(slot, call.tasks[0], obj)
                 if not any(not self.family(t.model).interactive_only for t in plan.targets):
-                    for i in range(n):
-                        reasons.setdefault(i, reason)
-                        prompt_needed.add(i)
+                    call.fail_all(
+                        hint if not slot.failed else f"model {spec.key} is {slot.state}", prompt=True
+                    )
                 continue
-            wait = max(0.0, min(self.settings.load_wait_s, deadline - time.monotonic()))
+            wait = max(0.0, min(self.settings.load_wait_s, call.deadline - time.monotonic()))
             if not slot.ready.wait(wait):
-                for i in range(n):
-                    reasons.setdefault(i, f"model {spec.key} is still loading; retry in a moment")
-                continue
-            if slot.failed or slot.batcher is None:
-                for i in range(n):
-                    reasons.setdefault(i, f"model {spec.key} is {slot.state}")
-                continue
-            groups.append((slot, obj, targets))
+                call.fail_all(f"model {spec.key} is still loading; retry in a moment")
+            elif slot.failed or slot.batcher is None:
+                call.fail_all(f"model {spec.key} is {slot.state}")
+            else:
+                groups.append((slot, obj, targets))
+        return groups
 
-        window = 256
-        pending_prep: list[tuple[int, ModelSlot, list[Target], Future[tuple[Item, Any]]]] = []
-        for start in range(0, n, window):
-            for i in range(start, min(n, start + window)):
-                for slot, obj, targets in groups:
-                    slot.add_pending(1)
-                    fut = self._pool.submit(
-                        self._prepare,
-                        tasks[i],
-                        obj,
-                        slot.backend,
-                        context if interactive else None,
-                        targets,
-                    )
-                    pending_prep.append((i, slot, targets, fut))
-            self._drain(pending_prep, results, reasons, interactive, context, deadline, timeout)
-            pending_prep = []
+    def _submit_prepare(
+        self, call: _Call, groups: list[tuple[ModelSlot, ObjectTag, list[Target]]], indices: range
+    ) -> list[_Preparing]:
+        """Start preparing (fetch, decode) each task of `indices` for each group, in the pool."""
+        pending = []
+        for i in indices:
+            for slot, obj, targets in groups:
+                slot.add_pending(1)
+                fut = self._pool.submit(
+                    self._prepare, call.tasks[i], obj, slot.backend, call.context, targets
+                )
+                pending.append((i, slot, targets, fut))
+        return pending
 
-        schema = _schema(label_config)
-        predictions = []
-        for i in range(n):
-            items = results[i]
-            if schema is not None and items:
-                task = tasks[i] if isinstance(tasks[i], Mapping) else {}
-                items, problems = _filter_valid(schema, items, task.get("data"), i)
-                if problems:
-                    self.metrics.regions_dropped.labels("all").inc(len(problems))
-            if i in reasons:
-                task_id = tasks[i].get("id") if isinstance(tasks[i], Mapping) else None
-                if failures is not None:
-                    failures.append(TaskFailure(i, task_id, reasons[i]))
-                if i in prompt_needed:  # expected (a Data Manager page lists many): not a failure
-                    log.debug("task %s (#%d): %s", task_id, i, reasons[i])
-                    self.metrics.tasks.labels("prompt_needed").inc()
-                else:
-                    log.warning("task %s (#%d): %s", task_id, i, reasons[i])
-                    self.metrics.tasks.labels("failed" if not items else "partial").inc()
-                if interactive:
-                    predictions.append(
-                        {"result": [], "score": 0.0, "model_version": version, "error": reasons[i]}
-                    )
-                else:
-                    # a partial result is not kept either: stored, it would never be completed
-                    predictions.append({"model_version": version, "error": reasons[i]})
-                continue
+    def _answer(
+        self, call: _Call, i: int, schema: Any, version: str, failures: list[TaskFailure] | None
+    ) -> dict[str, Any]:
+        """Return task i's prediction: its regions that pass the config's checks, or its failure."""
+        task = call.tasks[i] if isinstance(call.tasks[i], Mapping) else {}
+        items = call.results[i]
+        if schema is not None and items:
+            items, problems = _filter_valid(schema, items, task.get("data"), i)
+            if problems:
+                self.metrics.regions_dropped.labels("all").inc(len(problems))
+        reason = call.reasons.get(i)
+        if reason is None:
             self.metrics.tasks.labels("ok").inc()
-            predictions.append({"result": items, "score": prediction_score(items), "model_version": version})
-        return predictions
+            return {"result": items, "score": prediction_score(items), "model_version": version}
+        task_id = task.get("id")
+        if failures is not None:
+            failures.append(TaskFailure(i, task_id, reason))
+        if i in call.prompt_needed:  # expected (a Data Manager page lists many): not a failure
+            log.debug("task %s (#%d): %s", task_id, i, reason)
+            self.metrics.tasks.labels("prompt_needed").inc()
+        else:
+            log.warning("task %s (#%d): %s", task_id, i, reason)
+            self.metrics.tasks.labels("failed" if not items else "partial").inc()
+        if call.context is not None:
+            return {"result": [], "score": 0.0, "model_version": version, "error": reason}
+        # a partial result is not kept either: stored, it would never be completed
+        return {"model_version": version, "error": reason}
 
     def _groups(
         self, plan: Plan, context: Mapping[str, Any] | None
@@ -401,85 +365,93 @@ class Runtime:
         ]
         return chosen or groups
 
-    def _drain(
-        self,
-        pending: list[tuple[int, ModelSlot, list[Target], Future[tuple[Item, Any]]]],
-        results: list[list[dict[str, Any]]],
-        reasons: dict[int, str],
-        interactive: bool,
-        context: Mapping[str, Any] | None,
-        deadline: float,
-        timeout_s: float,
-    ) -> None:
+    def _drain(self, pending: list[_Preparing], call: _Call) -> None:
         """Feed prepared items to the batchers as they become ready, then post-process in the pool."""
-        index = {id(fut): (i, slot, targets) for i, slot, targets, fut in pending}
-        forwarded: list[tuple[int, ModelSlot, list[Target], Item, Future[Any]]] = []
-        post: list[tuple[int, Future[list[dict[str, Any]]]]] = []
         unprepared = {id(fut): slot for _, slot, _, fut in pending}
         try:
-            timeout = max(0.1, deadline - time.monotonic())
-            for fut in as_completed([p[3] for p in pending], timeout=timeout):
-                i, slot, targets = index[id(fut)]
-                del unprepared[id(fut)]
-                try:
-                    item, x = fut.result()
-                except InputError as exc:
-                    slot.add_pending(-1)
-                    reasons.setdefault(i, str(exc))
-                    continue
-                except Exception as exc:
-                    slot.add_pending(-1)
-                    log.exception("preprocess failed for task #%d", i)
-                    reasons.setdefault(i, f"preprocess failed: {type(exc).__name__}: {exc}")
-                    continue
-                if interactive and context is not None:
-                    slot.add_pending(-1)
-                    post.append((i, self._pool.submit(self._interactive, slot, item, targets, context, x)))
-                    continue
-                assert slot.batcher is not None
-                try:
-                    forwarded.append((i, slot, targets, item, slot.batcher.submit(x)))
-                finally:
-                    # only once the item is queued: the batcher waits for company while some are coming
-                    slot.add_pending(-1)
-            late = f"prediction did not finish within its deadline ({timeout_s:g} s, PREDICT_TIMEOUT_S)"
-            for i, slot, targets, item, bfut in forwarded:
-                try:
-                    output = bfut.result(timeout=max(0.1, deadline - time.monotonic()))
-                except Overloaded:
-                    raise
-                except (TimeoutError, CancelledError):
-                    # Past the deadline: what is done is still answered; what is queued is skipped by
-                    # the batcher (cancelled), not run for a request that stopped waiting.
-                    for *_, later in forwarded:
-                        later.cancel()
-                    reasons.setdefault(i, late)
-                    continue
-                except Exception as exc:
-                    self.metrics.errors.labels(slot.spec.key, type(exc).__name__).inc()
-                    reasons.setdefault(i, f"model {slot.spec.key} failed: {type(exc).__name__}: {exc}")
-                    continue
-                post.append((i, self._pool.submit(self._postprocess, slot, output, targets, item)))
-            for i, pfut in post:
-                try:
-                    results[i].extend(pfut.result(timeout=max(0.1, deadline - time.monotonic())))
-                except TimeoutError:
-                    reasons.setdefault(i, late)
-                except InputError as exc:  # a bad prompt found by interactive() or on the model thread
-                    reasons.setdefault(i, str(exc))
-                except Exception as exc:
-                    log.exception("postprocess failed for task #%d", i)
-                    reasons.setdefault(i, f"postprocess failed: {type(exc).__name__}: {exc}")
+            forwarded, post = self._forward_prepared(pending, unprepared, call)
+            post += self._await_forwarded(forwarded, call)
+            self._await_post(post, call)
         except TimeoutError:  # preparation (download, decode) itself ran past the deadline
             for i, *_ in pending:
-                if not results[i]:
-                    reasons.setdefault(
-                        i,
-                        f"prediction did not finish within its deadline ({timeout_s:g} s, PREDICT_TIMEOUT_S)",
-                    )
+                if not call.results[i]:
+                    call.reasons.setdefault(i, call.late)
         finally:
             for slot in unprepared.values():  # never queued (deadline, 503): stop counting them
                 slot.add_pending(-1)
+
+    def _forward_prepared(
+        self, pending: list[_Preparing], unprepared: dict[int, ModelSlot], call: _Call
+    ) -> tuple[list[_Forwarded], list[_Posting]]:
+        """Queue each item on its model's batcher as its preparation ends (interactive ones go to the pool).
+
+        Raises TimeoutError when preparation runs past the deadline; `unprepared` keeps the rest.
+        """
+        index = {id(fut): (i, slot, targets) for i, slot, targets, fut in pending}
+        forwarded: list[_Forwarded] = []
+        post: list[_Posting] = []
+        timeout = max(0.1, call.deadline - time.monotonic())
+        for fut in as_completed([p[3] for p in pending], timeout=timeout):
+            i, slot, targets = index[id(fut)]
+            del unprepared[id(fut)]
+            try:
+                item, x = fut.result()
+            except InputError as exc:
+                slot.add_pending(-1)
+                call.reasons.setdefault(i, str(exc))
+                continue
+            except Exception as exc:
+                slot.add_pending(-1)
+                log.exception("preprocess failed for task #%d", i)
+                call.reasons.setdefault(i, f"preprocess failed: {type(exc).__name__}: {exc}")
+                continue
+            if call.context is not None:
+                slot.add_pending(-1)
+                post.append((i, self._pool.submit(self._interactive, slot, item, targets, call.context, x)))
+                continue
+            assert slot.batcher is not None
+            try:
+                forwarded.append((i, slot, targets, item, slot.batcher.submit(x)))
+            finally:
+                # only once the item is queued: the batcher waits for company while some are coming
+                slot.add_pending(-1)
+        return forwarded, post
+
+    def _await_forwarded(self, forwarded: list[_Forwarded], call: _Call) -> list[_Posting]:
+        """Wait for each model output until the deadline; post-process the ones that came, in the pool."""
+        post: list[_Posting] = []
+        for i, slot, targets, item, bfut in forwarded:
+            try:
+                output = bfut.result(timeout=max(0.1, call.deadline - time.monotonic()))
+            except Overloaded:
+                raise
+            except (TimeoutError, CancelledError):
+                # Past the deadline: what is done is still answered; what is queued is skipped by
+                # the batcher (cancelled), not run for a request that stopped waiting.
+                for *_, later in forwarded:
+                    later.cancel()
+                call.reasons.setdefault(i, call.late)
+                continue
+            except Exception as exc:
+                self.metrics.errors.labels(slot.spec.key, type(exc).__name__).inc()
+                call.reasons.setdefault(i, f"model {slot.spec.key} failed: {type(exc).__name__}: {exc}")
+                continue
+            post.append((i, self._pool.submit(self._postprocess, slot, output, targets, item)))
+        return post
+
+    @staticmethod
+    def _await_post(post: list[_Posting], call: _Call) -> None:
+        """Collect each task's regions from post-processing, until the deadline."""
+        for i, pfut in post:
+            try:
+                call.results[i].extend(pfut.result(timeout=max(0.1, call.deadline - time.monotonic())))
+            except TimeoutError:
+                call.reasons.setdefault(i, call.late)
+            except InputError as exc:  # a bad prompt found by interactive() or on the model thread
+                call.reasons.setdefault(i, str(exc))
+            except Exception as exc:
+                log.exception("postprocess failed for task #%d", i)
+                call.reasons.setdefault(i, f"postprocess failed: {type(exc).__name__}: {exc}")
 
     def _start_prefetch(self, slot: ModelSlot, task: Any, obj: ObjectTag) -> None:
         """Warm a model for a task being opened, unless two warm-ups are already waiting.
