@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving.jobs.inputs import input_kind, iter_json_file, iter_jsonl_file
+from serving.plan.families import Registry
 
 if TYPE_CHECKING:
-    from serving.contract import Backend
+    pass
 
-# The composition root (model.py) passes its family registry; called only when models run here.
-Families = Callable[[], Mapping[str, "type[Backend]"]]
+# The composition root (model.py) passes its registry function; called only when models run here.
+RegistryFn = Callable[[], Registry]
 
 log = logging.getLogger("serving.cli")  # every command logs as the command line
 

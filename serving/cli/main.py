@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from serving.cli import predict, train, validate, weights
-from serving.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Families, UsageError, log
+from serving.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, RegistryFn, UsageError, log
 from serving.errors import (
     NotFound,
     Overloaded,
@@ -39,7 +39,7 @@ def _env_log_level() -> str:
         return "INFO"
 
 
-def main(argv: Sequence[str] | None = None, families: Families | None = None) -> int:
+def main(argv: Sequence[str] | None = None, families: RegistryFn | None = None) -> int:
     """Run the command line with the model families of the composition root; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)

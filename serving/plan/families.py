@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from serving.contract import Backend
 
+# The family registry: family name -> Backend class, in planning priority (backends.registry()'s answer).
+Registry = Mapping[str, "type[Backend]"]
+
 # The model families, as the composition root hands them over: its registry function (model.families),
 # the registry itself, or the importable name of the function ("model:families"). A Ray actor resolves
 # it in its own process; the first two pickle by reference to their module, the last is a plain string.
-FamiliesSource = Callable[[], Mapping[str, "type[Backend]"]] | Mapping[str, "type[Backend]"] | str
+FamiliesSource = Callable[[], Registry] | Registry | str
 
 
 def load_families(source: FamiliesSource) -> dict[str, type[Backend]]:

@@ -22,12 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from serving.contract import Backend
-from serving.plan.families import load_families
+from serving.plan.families import Registry, load_families
 from serving.settings import Settings
 from serving.training.job import run_job
 from serving.training.names import device_slug
@@ -36,8 +35,6 @@ from serving.training.versions import VersionStore
 from serving.util.locks import FileLock
 
 log = logging.getLogger("serving.training.process")  # also when run as __main__
-
-Families = Mapping[str, type[Backend]]
 
 
 def lock_path(settings: Settings, device: str) -> Path:
@@ -64,7 +61,7 @@ def settings_from_json(text: str) -> Settings:
 
 def serve(
     settings: Settings,
-    families: Families,
+    families: Registry,
     device: str,
     stop: threading.Event | None = None,
     idle_s: float | None = None,
