@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.cli.common import EXIT_FAILED, EXIT_OK, UsageError, iter_file_tasks, log, read_config
 from serving.settings import Settings
+
+if TYPE_CHECKING:
+    from serving.contract import ModelSpec
+    from serving.training.store import TrainingJob, TrainingStore
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -24,11 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from serving.plan.planner import Planner
     from serving.training.job import run_job
     from serving.training.names import project_key, training_device
-    from serving.training.process import lock_path
     from serving.training.store import TrainingStore
     from serving.training.versions import VersionStore
-    from serving.util.files import write_json_atomic
-    from serving.util.locks import FileLock
 
     if args.families is None:
         raise UsageError("no model families: start the command line as `python -m serving`")
@@ -39,17 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     project = project_key(args.project)
     if project is None:
         raise UsageError(f"--project {args.project!r}: use a Label Studio project id or a plain name")
-    settings = Settings.from_env()
-    changes: dict[str, Any] = {}
-    if args.model_dir:
-        changes["model_dir"] = args.model_dir
-    if args.epochs:
-        changes["train_epochs"] = args.epochs
-    if args.device:
-        changes["train_device"] = args.device
-    if args.allow_cpu:
-        changes["train_allow_cpu"] = True
-    settings = settings.with_(**changes)
+    settings = _settings(args)
     tasks = list(iter_file_tasks(path))
     families = args.families()
     plan = Planner(settings, families).plan(label_config)
@@ -69,34 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             continue
         # The device's lock first: a server trainer on the same MODEL_DIR claims any queued job of
         # the device, and must not take this one before its data is written.
-        lock = FileLock(lock_path(settings, device))
-        lock.path.parent.mkdir(parents=True, exist_ok=True)
-        waited = False
-        while not lock.acquire():
-            if not waited:
-                log.info("waiting for the %s trainer to finish its job (%s)", device, lock.path)
-                waited = True
-            time.sleep(1.0)
-        try:
-            earlier = [
-                j
-                for j in store.jobs(project, states=("queued", "running"))
-                if j.model_key == spec.key and j.source.get("path") == str(path)
-            ]
-            if earlier:
-                job_id = earlier[0].id
-                log.info("resuming job %s (%s)", job_id, spec.key)
-            else:
-                job_id, _ = store.request(
-                    project,
-                    spec,
-                    device,
-                    label_config,
-                    {"kind": "file", "path": str(path)},
-                    "CLI",
-                    coalesce=False,
-                )
-                write_json_atomic(store.job_dir(job_id) / "data.json", tasks)
+        with _trainer_lock(settings, device):
+            job_id = _job_id(store, project, spec, device, label_config, path, tasks)
             job = run_job(
                 store.start(job_id),
                 store=store,
@@ -105,34 +73,95 @@ def cmd_train(args: argparse.Namespace) -> int:
                 settings=settings,
                 resolver=resolver,
             )
-        finally:
-            lock.release()
         if job.state != "done":
             log.error("%s: %s (%s)", spec.key, job.state, job.error or job.reason)
             failed += 1
             continue
-        trained = versions.current(project)[spec.key]
-        log.info(
-            "%s trained: version %s (model_version %s), metrics %s",
-            spec.key,
-            job.version,
-            job.model_version,
-            json.dumps(job.metrics)[:500],
-        )
-        sys.stdout.write(f"{spec.key}\t{job.version}\t{trained.path}\n")
-        if args.output:
-            import shutil
-
-            target = Path(args.output) / (spec.family if len(specs) > 1 else "")
-            source = Path(trained.path)
-            folder = source if source.is_dir() else source.parent
-            shutil.copytree(folder, target, dirs_exist_ok=True)
-            log.info(
-                'copied to %s: use it with model_path="%s" on the tag',
-                target,
-                target if source.is_dir() else target / source.name,
-            )
+        _report(job, Path(versions.current(project)[spec.key].path), args.output, len(specs) > 1)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Return the environment's settings with the command line's overrides."""
+    changes: dict[str, Any] = {}
+    if args.model_dir:
+        changes["model_dir"] = args.model_dir
+    if args.epochs:
+        changes["train_epochs"] = args.epochs
+    if args.device:
+        changes["train_device"] = args.device
+    if args.allow_cpu:
+        changes["train_allow_cpu"] = True
+    return Settings.from_env().with_(**changes)
+
+
+@contextlib.contextmanager
+def _trainer_lock(settings: Settings, device: str) -> Iterator[None]:
+    """Hold the device's trainer lock (waiting for a server trainer's job to end)."""
+    from serving.training.process import lock_path
+    from serving.util.locks import FileLock
+
+    lock = FileLock(lock_path(settings, device))
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while not lock.acquire():
+        if not waited:
+            log.info("waiting for the %s trainer to finish its job (%s)", device, lock.path)
+            waited = True
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _job_id(
+    store: TrainingStore,
+    project: str,
+    spec: ModelSpec,
+    device: str,
+    label_config: str,
+    path: Path,
+    tasks: list[Any],
+) -> str:
+    """Return the unfinished job of this model and file (an interrupted run resumes), else a new one."""
+    from serving.util.files import write_json_atomic
+
+    earlier = [
+        j
+        for j in store.jobs(project, states=("queued", "running"))
+        if j.model_key == spec.key and j.source.get("path") == str(path)
+    ]
+    if earlier:
+        log.info("resuming job %s (%s)", earlier[0].id, spec.key)
+        return earlier[0].id
+    job_id, _ = store.request(
+        project, spec, device, label_config, {"kind": "file", "path": str(path)}, "CLI", coalesce=False
+    )
+    write_json_atomic(store.job_dir(job_id) / "data.json", tasks)
+    return job_id
+
+
+def _report(job: TrainingJob, trained: Path, output: str | None, per_family: bool) -> None:
+    """Log and print the new version; copy its folder to --output (one folder per family for several)."""
+    log.info(
+        "%s trained: version %s (model_version %s), metrics %s",
+        job.model_key,
+        job.version,
+        job.model_version,
+        json.dumps(job.metrics)[:500],
+    )
+    sys.stdout.write(f"{job.model_key}\t{job.version}\t{trained}\n")
+    if not output:
+        return
+    target = Path(output) / (job.family if per_family else "")
+    folder = trained if trained.is_dir() else trained.parent
+    shutil.copytree(folder, target, dirs_exist_ok=True)
+    log.info(
+        'copied to %s: use it with model_path="%s" on the tag',
+        target,
+        target if trained.is_dir() else target / trained.name,
+    )
 
 
 def add_parser(sub: Any) -> None:
