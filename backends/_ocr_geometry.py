@@ -13,6 +13,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from serving.results.regions import rect_corners_px
+
 
 @dataclass(frozen=True)
 class Line:
@@ -138,16 +140,10 @@ def merge_fragments(lines: Sequence[Line], max_gap: float = 1.0, max_angle_deg: 
 
 def rect_pct_to_quad_px(value: Mapping[str, Any], size: tuple[int, int]) -> np.ndarray:
     """Return the pixel quad of a Label Studio rectangle value (percent, rotated clockwise about x/y)."""
-    width_px, height_px = size
-    x0 = float(value["x"]) / 100.0 * width_px
-    y0 = float(value["y"]) / 100.0 * height_px
-    w = float(value["width"]) / 100.0 * width_px
-    h = float(value["height"]) / 100.0 * height_px
-    theta = math.radians(float(value.get("rotation", 0.0) or 0.0))
-    u = np.array([math.cos(theta), math.sin(theta)])
-    v = np.array([-math.sin(theta), math.cos(theta)])
-    tl = np.array([x0, y0])
-    return np.array([tl, tl + w * u, tl + w * u + h * v, tl + h * v], dtype=np.float64)
+    corners = rect_corners_px(
+        value["x"], value["y"], value["width"], value["height"], value.get("rotation", 0.0) or 0.0, size
+    )
+    return np.array(corners, dtype=np.float64)
 
 
 def points_pct_to_px(points: Sequence[Sequence[float]], size: tuple[int, int]) -> np.ndarray:

@@ -55,14 +55,14 @@ def box_xyxy_px_to_pct(box_xyxy_px: Sequence[float], size: tuple[int, int]) -> d
     }
 
 
-def box_pct_to_xyxy_px(
-    x: float, y: float, width: float, height: float, rotation: float, size: tuple[int, int]
-) -> tuple[float, float, float, float]:
-    """Return the pixel box (x0, y0, x1, y1) around a Label Studio rectangle, clipped to the image.
+def rect_corners_px(
+    x: float, y: float, width: float, height: float, rotation: float, size: tuple[float, float]
+) -> list[tuple[float, float]]:
+    """Return the pixel corners (tl, tr, br, bl) of a Label Studio rectangle given in percent.
 
-    The inverse of rectangle_items for training data: percent of the image as shown (EXIF applied,
-    `size` its width and height), rotated `rotation` degrees clockwise about its top-left corner
-    (x, y) in pixel space; a rotated rectangle becomes the axis-aligned box around its 4 corners.
+    Percent of the image as shown (EXIF applied, `size` its width and height), rotated `rotation`
+    degrees clockwise about its top-left corner (x, y) in pixel space: percent axes differ in scale,
+    so the rotation happens in pixels (y points down).
     """
     width_px, height_px = size
     x0 = float(x) / 100.0 * width_px
@@ -70,16 +70,25 @@ def box_pct_to_xyxy_px(
     w = float(width) / 100.0 * width_px
     h = float(height) / 100.0 * height_px
     angle = math.radians(float(rotation or 0.0) % 360.0)
-    xs: tuple[float, ...]
-    ys: tuple[float, ...]
     if angle == 0.0:
-        xs, ys = (x0, x0 + w), (y0, y0 + h)
-    else:
-        cos, sin = math.cos(angle), math.sin(angle)
-        # corners of the unrotated box relative to (x0, y0), rotated clockwise (y points down)
-        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
-        xs = tuple(x0 + cx * cos - cy * sin for cx, cy in corners)
-        ys = tuple(y0 + cx * sin + cy * cos for cx, cy in corners)
+        return [(x0, y0), (x0 + w, y0), (x0 + w, y0 + h), (x0, y0 + h)]
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [
+        (x0 + u * cos - v * sin, y0 + u * sin + v * cos) for u, v in ((0.0, 0.0), (w, 0.0), (w, h), (0.0, h))
+    ]
+
+
+def box_pct_to_xyxy_px(
+    x: float, y: float, width: float, height: float, rotation: float, size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Return the pixel box (x0, y0, x1, y1) around a Label Studio rectangle, clipped to the image.
+
+    The inverse of rectangle_items for training data; a rotated rectangle becomes the axis-aligned
+    box around its 4 corners (see rect_corners_px).
+    """
+    width_px, height_px = size
+    corners = rect_corners_px(x, y, width, height, rotation, size)
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
     return (
         min(max(min(xs), 0.0), float(width_px)),
         min(max(min(ys), 0.0), float(height_px)),
@@ -112,23 +121,12 @@ def rect_pct_to_box_xyxy_px(value: Mapping[str, Any], size: tuple[int, int]) -> 
     """Return the axis-aligned pixel box (x0, y0, x1, y1) of a drawn rectangle value (x/y/width/height %).
 
     A rotated rectangle (clockwise `rotation` degrees about its top-left corner x/y, as Label
-    Studio draws it) gives the box around its four corners.
+    Studio draws it) gives the box around its four corners; not clipped to the image.
     """
-    width_px, height_px = size
-    x0 = float(value["x"]) / 100.0 * width_px
-    y0 = float(value["y"]) / 100.0 * height_px
-    w = float(value["width"]) / 100.0 * width_px
-    h = float(value["height"]) / 100.0 * height_px
-    theta = math.radians(float(value.get("rotation", 0.0) or 0.0))
-    xs: tuple[float, ...]
-    ys: tuple[float, ...]
-    if theta == 0.0:
-        xs, ys = (x0, x0 + w), (y0, y0 + h)
-    else:
-        cos, sin = math.cos(theta), math.sin(theta)
-        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
-        xs = tuple(x0 + u * cos - v * sin for u, v in corners)
-        ys = tuple(y0 + u * sin + v * cos for u, v in corners)
+    corners = rect_corners_px(
+        value["x"], value["y"], value["width"], value["height"], value.get("rotation", 0.0) or 0.0, size
+    )
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
     return min(xs), min(ys), max(xs), max(ys)
 
 

@@ -73,6 +73,21 @@ def test_plain_rectangle_with_labels_and_textarea_shares_one_id() -> None:
     assert [i["from_name"] for i in items] == ["ctl", "lab", "txt"]
 
 
+def test_rect_corners_rotate_clockwise_about_the_top_left_in_pixels() -> None:
+    # 25% of 200 px = 50 px wide, 10% of 200 px = 20 px high, turned 90 degrees clockwise about (50, 10)
+    corners = regions.rect_corners_px(25.0, 5.0, 50.0, 10.0, 90.0, (200, 200))
+    assert [c for xy in corners for c in xy] == pytest.approx([50, 10, 50, 110, 30, 110, 30, 10])
+    # the percent->pixel inverse of rotated_rect_px_to_pct, and the unrotated box needs no trigonometry
+    value = regions.rotated_rect_px_to_pct(corners, (200, 200))
+    assert value == pytest.approx({"x": 25.0, "y": 5.0, "width": 50.0, "height": 10.0, "rotation": 90.0})
+    assert regions.rect_corners_px(10, 20, 30, 40, 360.0, (100, 50)) == [
+        (10, 10),
+        (40, 10),
+        (40, 30),
+        (10, 30),
+    ]
+
+
 def test_rotated_quad_becomes_rotation_about_top_left() -> None:
     # a 100x20 px box rotated 90 degrees clockwise about (50, 10)
     value = regions.rotated_rect_px_to_pct([(50, 10), (50, 110), (30, 110), (30, 10)], (200, 200))

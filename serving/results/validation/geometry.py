@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from serving.results.regions import rect_corners_px
 from serving.results.schema import ControlInfo
 from serving.results.validation.problems import (
     EPS_PCT,
@@ -47,34 +47,31 @@ class GeometryChecks(CheckerBase):
         if "points" in value:
             out.extend(self.points(item, value.get("points")))
             return out
-        kind = "keypoint" if type_.startswith("keypoint") else "ellipse" if "radiusX" in value else "rect"
-        coords = {}
-        for key in ("x", "y"):
-            v = value.get(key)
-            if not is_number(v):
-                out.append(
-                    self.problem(
-                        item, "bad_coordinates", f"value.{key} {v!r} is not a number (percent 0-100)"
-                    )
-                )
-                return out
-            coords[key] = float(v)
+        coords = self._numbers(item, value, ("x", "y"), out)
+        if coords is None:
+            return out
         for key in ("x", "y"):
             if not -EPS_PCT <= coords[key] <= HI_PCT:
                 out.append(self._range(item, f"value.{key}", coords[key]))
-        if kind == "ellipse":
+        if type_.startswith("keypoint"):
+            w = value.get("width")
+            if w is not None and (not is_number(w) or float(w) < 0):
+                out.append(self._range(item, "value.width", w))
+        elif "radiusX" in value:  # an ellipse
             for key in ("radiusX", "radiusY"):
                 v = value.get(key)
                 if not is_number(v) or not 0.0 <= float(v) <= HI_PCT:
                     out.append(self._range(item, f"value.{key}", v))
-            return out
-        if kind == "keypoint":
-            w = value.get("width")
-            if w is not None and (not is_number(w) or float(w) < 0):
-                out.append(self._range(item, "value.width", w))
-            return out
-        dims = {}
-        for key in ("width", "height"):
+        else:
+            out.extend(self._rectangle(item, value, coords, (float(ow), float(oh)) if size_ok else None))
+        return out
+
+    def _numbers(
+        self, item: Mapping[str, Any], value: Mapping[str, Any], keys: tuple[str, ...], out: list[Problem]
+    ) -> dict[str, float] | None:
+        """Return the value's fields `keys` as floats; None (and a problem in `out`) at the first that is not a number."""
+        found = {}
+        for key in keys:
             v = value.get(key)
             if not is_number(v):
                 out.append(
@@ -82,8 +79,25 @@ class GeometryChecks(CheckerBase):
                         item, "bad_coordinates", f"value.{key} {v!r} is not a number (percent 0-100)"
                     )
                 )
+                return None
+            found[key] = float(v)
+        return found
+
+    def _rectangle(
+        self,
+        item: Mapping[str, Any],
+        value: Mapping[str, Any],
+        coords: dict[str, float],
+        size: tuple[float, float] | None,
+    ) -> list[Problem]:
+        """Check a rectangle's size and rotation, and that it stays inside the image (rotated: in pixels)."""
+        out: list[Problem] = []
+        dims: dict[str, float] = {}
+        for key in ("width", "height"):
+            found = self._numbers(item, value, (key,), out)
+            if found is None:
                 return out
-            dims[key] = float(v)
+            dims[key] = found[key]
             if not -EPS_PCT <= dims[key] <= HI_PCT:
                 out.append(self._range(item, f"value.{key}", dims[key]))
         rotation = value.get("rotation", 0) or 0
@@ -99,8 +113,8 @@ class GeometryChecks(CheckerBase):
                 out.append(self._range(item, "value.x + value.width", coords["x"] + dims["width"]))
             if coords["y"] + dims["height"] > HI_PCT:
                 out.append(self._range(item, "value.y + value.height", coords["y"] + dims["height"]))
-        elif size_ok:
-            out.extend(self._rotated(item, coords, dims, float(rotation), float(ow), float(oh)))
+        elif size is not None:
+            out.extend(self._rotated(item, coords, dims, float(rotation), *size))
         return out
 
     def _rotated(
@@ -113,14 +127,9 @@ class GeometryChecks(CheckerBase):
         oh: float,
     ) -> list[Problem]:
         # Label Studio rotates clockwise about the top-left corner, in pixels (percent axes differ in scale).
-        rad = math.radians(rotation)
-        cos, sin = math.cos(rad), math.sin(rad)
-        x0, y0 = coords["x"] * ow / 100.0, coords["y"] * oh / 100.0
-        w, h = dims["width"] * ow / 100.0, dims["height"] * oh / 100.0
+        corners = rect_corners_px(coords["x"], coords["y"], dims["width"], dims["height"], rotation, (ow, oh))
         # one pixel of slack: rotated corners of boxes touching the border round either way
-        for dx, dy in ((w, 0.0), (w, h), (0.0, h)):
-            px = x0 + dx * cos - dy * sin
-            py = y0 + dx * sin + dy * cos
+        for px, py in corners[1:]:
             if not (-1.0 <= px <= ow + 1.0 and -1.0 <= py <= oh + 1.0):
                 return [
                     self.problem(
