@@ -291,68 +291,22 @@ def crops_to_rle(
             group_area += area
         out.extend(crops_to_rle(crops[group_start:], size))
         return out
-    n = width * height
-    n_crops = len(crops)
-    arrays: list[np.ndarray] = []
-    # Per crop: x0, y0, h, w, the segment start a and width, and where its rows start in the buffer.
-    geometry = np.zeros((n_crops, 7), dtype=np.int64)
-    total = 0
-    for k, (crop, (x0, y0)) in enumerate(crops):
-        arr = _as_uint8_mask(crop)
-        h, w = arr.shape
-        if x0 < 0 or y0 < 0 or x0 + w > width or y0 + h > height:
-            if arr.any():
-                raise ValueError(f"crop {w}x{h} at {(x0, y0)} does not fit a {width}x{height} image")
-            h = w = 0  # an empty crop is background wherever it was placed
-        a = max(0, x0 - 1)
-        seg = min(width, x0 + w + 1) - a if h and w else 1
-        geometry[k] = (x0, y0, h, w, a, seg, total)
-        arrays.append(arr)
-        total += h * seg if w else 0
-    x0s, y0s, hs, ws, segs_a, segs, offsets = geometry.T
-    buffer = np.zeros(total, dtype=np.uint8)
-    for k, arr in enumerate(arrays):
-        x0, _, h, w, a, seg, offset = geometry[k].tolist()
-        if h and w:
-            buffer[offset : offset + h * seg].reshape(h, seg)[:, x0 - a : x0 - a + w] = arr
-    # Changes inside each row segment (one at a segment's last pixel is a row junction: not here).
-    q = _run_ends(buffer) if total else np.empty(0, dtype=np.int64)
-    owner = np.searchsorted(offsets, q, side="right") - 1
-    seg_q = segs[owner]
-    rows, cols = np.divmod(q - offsets[owner], seg_q)
-    inside_segment = cols != seg_q - 1
-    owner, q = owner[inside_segment], q[inside_segment]
-    positions = (y0s[owner] + rows[inside_segment]) * width + segs_a[owner] + cols[inside_segment]
-    values = buffer[q].astype(np.int64)
-    # Row junctions and the image's last pixel, per crop: few values, straight from the crops.
-    extra_owner, extra_pos, extra_val = [], [], []
-    for k, arr in enumerate(arrays):
-        x0, y0, h, w = geometry[k, :4].tolist()
-        if not (h and w):
-            continue
-        if x0 == 0 or x0 + w == width:
-            ys = np.arange(max(1, y0), min(height - 1, y0 + h) + 1, dtype=np.int64)
-            last = np.zeros(ys.size, dtype=np.int64)  # the pixel ending row y-1
-            first = np.zeros(ys.size, dtype=np.int64)  # the pixel opening row y
-            if x0 + w == width:
-                ok = (ys - 1 >= y0) & (ys - 1 < y0 + h)
-                last[ok] = arr[ys[ok] - 1 - y0, -1]
-            if x0 == 0:
-                ok = (ys >= y0) & (ys < y0 + h)
-                first[ok] = arr[ys[ok] - y0, 0]
-            differ = last != first
-            extra_owner.append(np.full(int(differ.sum()), k, dtype=np.int64))
-            extra_pos.append(ys[differ] * width - 1)
-            extra_val.append(last[differ])
+    arrays, geometry, buffer = _pack_crops(crops, size)
+    owner, positions, values = _segment_changes(buffer, geometry, width)
+    extra = _junctions(arrays, geometry, size)
+    n, n_crops = width * height, len(crops)
+    x0s, y0s, hs, ws = geometry[:, :4].T
     final_val = np.zeros(n_crops, dtype=np.int64)
     corner = (x0s + ws == width) & (y0s + hs == height) & (hs > 0) & (ws > 0)
     for k in np.flatnonzero(corner).tolist():
         final_val[k] = arrays[k][-1, -1]
-    if extra_owner:
+    if extra:
         # Junctions break the (crop, position) order: sort it back.
-        owner = np.concatenate([owner, *extra_owner, np.arange(n_crops)])
-        positions = np.concatenate([positions, *extra_pos, np.full(n_crops, n - 1, dtype=np.int64)])
-        values = np.concatenate([values, *extra_val, final_val])
+        owner = np.concatenate([owner, *(e[0] for e in extra), np.arange(n_crops)])
+        positions = np.concatenate(
+            [positions, *(e[1] for e in extra), np.full(n_crops, n - 1, dtype=np.int64)]
+        )
+        values = np.concatenate([values, *(e[2] for e in extra), final_val])
         order = np.lexsort((positions, owner))
         owner, positions, values = owner[order], positions[order], values[order]
     else:
@@ -368,6 +322,80 @@ def crops_to_rle(
     lengths[first_run] = positions[first_run] + 1
     lengths <<= 2
     return _encode(values, lengths, counts, np.full(n_crops, n * 4, dtype=np.int64))
+
+
+def _pack_crops(
+    crops: Sequence[tuple[np.ndarray, tuple[int, int]]], size: tuple[int, int]
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Return the crops as uint8 masks, their geometry rows and the one buffer holding every crop's row segments.
+
+    Per crop: x0, y0, h, w, the segment start a and width, and where its rows start in the buffer.
+    """
+    width, height = size
+    arrays: list[np.ndarray] = []
+    geometry = np.zeros((len(crops), 7), dtype=np.int64)
+    total = 0
+    for k, (crop, (x0, y0)) in enumerate(crops):
+        arr = _as_uint8_mask(crop)
+        h, w = arr.shape
+        if x0 < 0 or y0 < 0 or x0 + w > width or y0 + h > height:
+            if arr.any():
+                raise ValueError(f"crop {w}x{h} at {(x0, y0)} does not fit a {width}x{height} image")
+            h = w = 0  # an empty crop is background wherever it was placed
+        a = max(0, x0 - 1)
+        seg = min(width, x0 + w + 1) - a if h and w else 1
+        geometry[k] = (x0, y0, h, w, a, seg, total)
+        arrays.append(arr)
+        total += h * seg if w else 0
+    buffer = np.zeros(total, dtype=np.uint8)
+    for k, arr in enumerate(arrays):
+        x0, _, h, w, a, seg, offset = geometry[k].tolist()
+        if h and w:
+            buffer[offset : offset + h * seg].reshape(h, seg)[:, x0 - a : x0 - a + w] = arr
+    return arrays, geometry, buffer
+
+
+def _segment_changes(buffer: np.ndarray, geometry: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
+    """Return (crop, image position, new value) of each change inside a row segment of the packed buffer.
+
+    A change at a segment's last pixel is a row junction: not counted here (see _junctions).
+    """
+    _, y0s, _, _, segs_a, segs, offsets = geometry.T
+    q = _run_ends(buffer) if buffer.size else np.empty(0, dtype=np.int64)
+    owner = np.searchsorted(offsets, q, side="right") - 1
+    seg_q = segs[owner]
+    rows, cols = np.divmod(q - offsets[owner], seg_q)
+    inside_segment = cols != seg_q - 1
+    owner, q = owner[inside_segment], q[inside_segment]
+    positions = (y0s[owner] + rows[inside_segment]) * width + segs_a[owner] + cols[inside_segment]
+    return owner, positions, buffer[q].astype(np.int64)
+
+
+def _junctions(
+    arrays: list[np.ndarray], geometry: np.ndarray, size: tuple[int, int]
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Return (crop, position, value) of the row junctions of crops that touch the image's left or right edge.
+
+    Few values per crop, read straight from the crops.
+    """
+    width, height = size
+    extra = []
+    for k, arr in enumerate(arrays):
+        x0, y0, h, w = geometry[k, :4].tolist()
+        if not (h and w) or not (x0 == 0 or x0 + w == width):
+            continue
+        ys = np.arange(max(1, y0), min(height - 1, y0 + h) + 1, dtype=np.int64)
+        last = np.zeros(ys.size, dtype=np.int64)  # the pixel ending row y-1
+        first = np.zeros(ys.size, dtype=np.int64)  # the pixel opening row y
+        if x0 + w == width:
+            ok = (ys - 1 >= y0) & (ys - 1 < y0 + h)
+            last[ok] = arr[ys[ok] - 1 - y0, -1]
+        if x0 == 0:
+            ok = (ys >= y0) & (ys < y0 + h)
+            first[ok] = arr[ys[ok] - y0, 0]
+        differ = last != first
+        extra.append((np.full(int(differ.sum()), k, dtype=np.int64), ys[differ] * width - 1, last[differ]))
+    return extra
 
 
 def _buffer_area(shape: tuple[int, ...]) -> int:
