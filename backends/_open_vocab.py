@@ -25,7 +25,7 @@ from backends import _hf as hf
 if TYPE_CHECKING:
     import torch
 
-    from serving.contract import ControlTag, Target
+    from serving.contract import Claim, ControlTag, Target
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,45 @@ def label_prompts(control: ControlTag | None) -> tuple[LabelPrompt, ...]:
         if phrases:
             out.append(LabelPrompt(label, phrases))
     return tuple(out)
+
+
+def prompt_claims(
+    controls: Sequence[ControlTag],
+    control_tags: Iterable[str],
+    plain_tags: Iterable[str],
+    pick: Callable[[ControlTag], tuple[str | None, str]],
+) -> list[Claim]:
+    """Claim each control of `control_tags` whose model `pick` names and whose labels can prompt a detector.
+
+    `pick(control)` returns (model name or None, model_path). A plain tag (Rectangle, BrushLabels-less
+    shapes) borrows the first sibling <Labels> tag's labels; a control with no labels to prompt with is
+    skipped with a warning (there is nothing to ask the detector for).
+    """
+    from serving.contract import Claim
+
+    labels_tags = [c for c in controls if c.tag == "Labels"]
+    claims = []
+    for control in controls:
+        if control.tag not in control_tags:
+            continue
+        model, path = pick(control)
+        if model is None:
+            continue
+        linked: dict[str, ControlTag] = {}
+        if control.tag in plain_tags and labels_tags:
+            linked["labels"] = labels_tags[0]
+        if not label_prompts(control if control.labels else linked.get("labels")):
+            log.warning(
+                '<%s name="%s"> asks for %s but has no labels to prompt it with (add <Label> values, or a '
+                "sibling <Labels> for a plain %s)",
+                control.tag,
+                control.name,
+                model,
+                control.tag,
+            )
+            continue
+        claims.append(Claim(control=control, model_name=model, model_path=path, linked=linked))
+    return claims
 
 
 def union_prompts(targets: Iterable[Target]) -> tuple[LabelPrompt, ...]:

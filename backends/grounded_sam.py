@@ -119,28 +119,12 @@ class GroundedSamBackend(Backend):
         """Claim mask tags whose model_name picks an open-vocabulary detector (or grounded_sam)."""
         if obj.tag not in cls.object_tags:
             return []
-        labels_tags = [c for c in controls if c.tag == "Labels"]
-        claims = []
-        for control in controls:
-            if control.tag not in cls.control_tags:
-                continue
+
+        def pick(control: ControlTag) -> tuple[str | None, str]:
             path = control.attr("model_path")
-            model = cls.resolve(control.attr("model_name"), path, settings, control.attr("model_sam"))
-            if model is None:
-                continue
-            linked: dict[str, ControlTag] = {}
-            if control.tag in cls.plain_tags and labels_tags:
-                linked["labels"] = labels_tags[0]
-            if not ov.label_prompts(control if control.labels else linked.get("labels")):
-                log.warning(
-                    '<%s name="%s"> asks for %s but has no labels to prompt the detector with',
-                    control.tag,
-                    control.name,
-                    model,
-                )
-                continue
-            claims.append(Claim(control=control, model_name=model, model_path=path, linked=linked))
-        return claims
+            return cls.resolve(control.attr("model_name"), path, settings, control.attr("model_sam")), path
+
+        return ov.prompt_claims(controls, cls.control_tags, cls.plain_tags, pick)
 
     # ---- the two models ----
     @staticmethod

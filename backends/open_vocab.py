@@ -128,37 +128,17 @@ class OpenVocabBackend(Backend):
         """Claim rectangle tags whose model_name/model_path (or DETECTOR) picks an open-vocabulary model."""
         if obj.tag not in cls.object_tags:
             return []
-        labels_tags = [c for c in controls if c.tag == "Labels"]
-        claims = []
-        for control in controls:
-            if control.tag not in cls.control_tags:
-                continue
+
+        def pick(control: ControlTag) -> tuple[str | None, str]:
             name, path = control.attr("model_name"), control.attr("model_path")
             if name or path:
-                model = ov.open_vocab_name(name, path, settings.model_dir)
-            else:
-                model = (
-                    ov.open_vocab_name(settings.detector, "", settings.model_dir)
-                    if settings.detector
-                    else None
-                )
-            if model is None:
-                continue
-            linked: dict[str, ControlTag] = {}
-            if control.tag in cls.plain_tags and labels_tags:
-                linked["labels"] = labels_tags[0]
-            source = control if control.labels else linked.get("labels")
-            if not ov.label_prompts(source):
-                log.warning(
-                    '<%s name="%s"> asks for %s but has no labels to prompt it with (add <Label> values, or a '
-                    "sibling <Labels> for a plain Rectangle)",
-                    control.tag,
-                    control.name,
-                    model,
-                )
-                continue
-            claims.append(Claim(control=control, model_name=model, model_path=path, linked=linked))
-        return claims
+                return ov.open_vocab_name(name, path, settings.model_dir), path
+            chosen = (
+                ov.open_vocab_name(settings.detector, "", settings.model_dir) if settings.detector else None
+            )
+            return chosen, path
+
+        return ov.prompt_claims(controls, cls.control_tags, cls.plain_tags, pick)
 
     # ---- weights ----
     @classmethod
