@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -129,6 +129,15 @@ class Mask:
 # ---- the model ----
 
 
+class EncoderInput(Protocol):
+    """What SamModel.encode_inputs reads and fills of one image (SAM's request, Grounded-SAM's input)."""
+
+    size: tuple[int, int]  # original (width, height)
+    image: Image.Image | None
+    pixel_values: Any
+    input_hw: tuple[int, int] | None
+
+
 class SamModel:
     """A loaded SAM or SAM 2 model and its processor: pixels, encode, decode (model thread)."""
 
@@ -206,6 +215,23 @@ class SamModel:
                 per_image = features[i : i + 1].clone() if len(batch) > 1 else features
             out.append(Embedding(per_image, (int(size[0]), int(size[1])), hw))
         return out
+
+    def encode_inputs(self, inputs: Sequence[EncoderInput]) -> list[Embedding]:
+        """Encode images for the embedding cache, recomputing the pixels of any whose pixels are gone.
+
+        An input's pixels are made on the CPU pool when the cache missed at preprocess time; when the
+        cache had the embedding then and evicted it since, they are made here from its image.
+        """
+        for x in inputs:
+            if x.pixel_values is None:
+                if x.image is None:
+                    raise RuntimeError("no image to encode (the cached embedding was evicted meanwhile)")
+                x.pixel_values, x.input_hw = self.pixels(x.image)
+        hws = []
+        for x in inputs:
+            assert x.input_hw is not None  # set with the pixels
+            hws.append(x.input_hw)
+        return self.encode([x.pixel_values for x in inputs], [x.size for x in inputs], hws)
 
     # ---- model thread: decode ----
     def to_input_space(self, xy_px: np.ndarray, emb: Embedding) -> np.ndarray:

@@ -226,18 +226,7 @@ class GroundedSamBackend(Backend):
             by_key = {inputs[i].key: inputs[i] for i in boxed}
 
             def encode(keys: list[tuple[str, str]]) -> list[_sam.Embedding]:
-                pixel_values, sizes, hws = [], [], []
-                for key in keys:
-                    x = by_key[key]
-                    if x.pixel_values is None:  # cached at preprocess time, evicted since
-                        if x.image is None:
-                            raise RuntimeError("no image to encode")
-                        x.pixel_values, x.input_hw = sam.pixels(x.image)
-                    assert x.input_hw is not None
-                    pixel_values.append(x.pixel_values)
-                    sizes.append(x.size)
-                    hws.append(x.input_hw)
-                return sam.encode(pixel_values, sizes, hws)
+                return sam.encode_inputs([by_key[key] for key in keys])
 
             embeddings = (
                 self.embedding_cache().get_many([inputs[i].key for i in boxed], encode) if boxed else []

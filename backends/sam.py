@@ -318,18 +318,7 @@ class SamBackend(Backend):
                 by_key[r.key] = r
 
         def encode(keys: list[tuple[str, str]]) -> list[_sam.Embedding]:
-            pixel_values, sizes, hws = [], [], []
-            for key in keys:
-                r = by_key[key]
-                if r.pixel_values is None:
-                    if r.image is None:
-                        raise RuntimeError("no image to encode (the cached embedding was evicted meanwhile)")
-                    r.pixel_values, r.input_hw = sam.pixels(r.image)
-                assert r.input_hw is not None
-                pixel_values.append(r.pixel_values)
-                sizes.append(r.size)
-                hws.append(r.input_hw)
-            return sam.encode(pixel_values, sizes, hws)
+            return sam.encode_inputs([by_key[key] for key in keys])
 
         if need:
             embeddings = self.embedding_cache().get_many([r.key for r in need], encode)

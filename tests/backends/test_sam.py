@@ -534,6 +534,23 @@ def test_coordinates_and_mask_upsampling_match_the_transformers_processors(ckpt:
     assert torch.equal(ours, theirs[0])
 
 
+def test_an_evicted_embedding_is_encoded_again_from_its_image(sam2_dir: Path) -> None:
+    """Inputs whose pixels are gone get them from their image; the embedding equals a fresh encode's."""
+    sam = _sam.SamModel.load(sam2_dir, "cpu")
+    image = Image.new("RGB", (W, H), (200, 30, 90))
+    pixel_values, input_hw = sam.pixels(image)
+    with torch.inference_mode():
+        (fresh,) = sam.encode([pixel_values], [(W, H)], [input_hw])
+        evicted = SamRequest(key=("sam", "u1"), size=(W, H), image=image)  # the cache had it at preprocess
+        (again,) = sam.encode_inputs([evicted])
+    assert evicted.input_hw == input_hw and torch.equal(evicted.pixel_values, pixel_values)
+    assert (again.size, again.input_hw) == (fresh.size, fresh.input_hw)
+    maps = zip(again.features, fresh.features, strict=True)  # SAM 2: a list of feature maps
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in maps)
+    with pytest.raises(RuntimeError, match="evicted"):
+        sam.encode_inputs([SamRequest(key=("sam", "u2"), size=(W, H))])
+
+
 def test_a_click_gives_a_brush_mask_at_the_original_size_that_decodes_back(
     ckpt: Path, tmp_path: Path
 ) -> None:
