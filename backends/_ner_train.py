@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from backends._train_loop import Optimization, amp_setup, linear_decay, train_epochs
 from serving.contract import Example, ModelSpec, Target, TrainingRun, TrainResult
 from serving.training.examples import precision_recall_f1, split_holdout
 
@@ -94,7 +95,7 @@ def train_spacy(backend_cls: Any, run: TrainingRun, package: str) -> TrainResult
     """Update a spaCy pipeline's ner on the examples, rehearsing its own out-of-config entities."""
     import spacy
     from spacy.training import Example as SpacyExample
-    from spacy.util import filter_spans, fix_random_seed, minibatch
+    from spacy.util import filter_spans, fix_random_seed
 
     fix_random_seed(SEED)  # the same data gives the same model (dropout, initial weights of new labels)
 
@@ -152,25 +153,15 @@ def train_spacy(backend_cls: Any, run: TrainingRun, package: str) -> TrainResult
         return made
 
     data = spacy_examples()
-    epochs = run.epochs_or(SPACY_EPOCHS)
-    batch_size = 8
-    steps = (len(data) + batch_size - 1) // batch_size
-    enabled = _ner_pipes(nlp, ner_name)
-    with nlp.select_pipes(enable=enabled):
+
+    def step(chunk: list[int], rng: random.Random) -> tuple[float, None]:
+        losses: dict[str, float] = {}
+        nlp.update([data[i] for i in chunk], sgd=optimizer, drop=0.2, losses=losses)
+        return float(losses.get(ner_name, 0.0)) / max(1, len(chunk)), None
+
+    with nlp.select_pipes(enable=_ner_pipes(nlp, ner_name)):
         optimizer = nlp.resume_training()
-        for epoch in range(run.start_epoch, epochs + 1):
-            rng = random.Random(SEED + epoch)
-            order = list(data)
-            rng.shuffle(order)
-            total = 0.0
-            for step, batch in enumerate(minibatch(order, size=batch_size), start=1):
-                losses: dict[str, float] = {}
-                nlp.update(batch, sgd=optimizer, drop=0.2, losses=losses)
-                loss = float(losses.get(ner_name, 0.0))
-                total += loss
-                run.progress(epoch, step, loss / max(1, len(batch)), epochs=epochs, steps=steps)
-            run.end_epoch(epoch, total / max(1, len(data)))
-            run.save_checkpoint(epoch, nlp.to_disk)
+        train_epochs(run, len(data), 8, run.epochs_or(SPACY_EPOCHS), step, nlp.to_disk, seed=SEED)
     nlp.to_disk(run.output_dir)
     metrics = evaluate(backend_cls, run, run.output_dir, held_out or train)
     metrics = {"on": "held_out" if held_out else "train", "examples": len(train), **metrics}
@@ -261,60 +252,32 @@ def train_transformers(backend_cls: Any, run: TrainingRun, source: str) -> Train
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=run.learning_rate_or(5e-5), weight_decay=0.01
     )
-    total_steps = max(1, steps * epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total_steps))
-    amp = device.startswith("cuda")
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-    if run.checkpoint is not None:
-        state = torch.load(run.checkpoint / "state.pt", map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+    opt = Optimization(
+        optimizer, linear_decay(optimizer, steps * epochs), *amp_setup(device, prefer_bf16=True)
+    )
+    opt.resume(run, model, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for epoch in range(run.start_epoch, epochs + 1):
-        model.train()
-        order = list(range(len(windows)))
-        random.Random(SEED + epoch).shuffle(order)
-        total, count = 0.0, 0
-        for step, first in enumerate(range(0, len(order), batch_size), start=1):
-            chunk = [windows[i] for i in order[first : first + batch_size]]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            target = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for row, (tok, lab) in enumerate(chunk):
-                ids[row, : len(tok)] = torch.as_tensor(tok)
-                mask[row, : len(tok)] = 1
-                target[row, : len(lab)] = torch.as_tensor(lab)
-            ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
-                loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            value = float(loss.detach())
-            total, count = total + value * len(chunk), count + len(chunk)
-            run.progress(epoch, step, value, epochs=epochs, steps=steps)
-        run.end_epoch(epoch, total / max(1, count))
 
-        def save(folder: Path) -> None:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                },
-                folder / "state.pt",
-            )
+    def step(chunk_ids: list[int], rng: random.Random) -> tuple[float, None]:
+        chunk = [windows[i] for i in chunk_ids]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        target = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, (tok, lab) in enumerate(chunk):
+            ids[row, : len(tok)] = torch.as_tensor(tok)
+            mask[row, : len(tok)] = 1
+            target[row, : len(lab)] = torch.as_tensor(lab)
+        with opt.autocast():
+            loss = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), labels=target.to(device)
+            ).loss
+        opt.step(loss, max_norm=1.0)
+        return float(loss.detach()), None
 
-        run.save_checkpoint(epoch, save)
+    train_epochs(
+        run, len(windows), batch_size, epochs, step, opt.writer(model), seed=SEED, begin_epoch=model.train
+    )
     model.eval()
     model.to("cpu")
     model.save_pretrained(run.output_dir)

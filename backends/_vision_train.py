@@ -26,6 +26,11 @@ from typing import Any
 import numpy as np
 
 from backends import _torchvision as tv
+from backends._train_loop import Optimization, amp_setup, linear_decay, train_epochs
+
+# The shared loop's checkpoint helpers, still reachable here for recipes that import them from this module.
+from backends._train_loop import load_state as load_state
+from backends._train_loop import save_state as save_state
 from serving.contract import Example, TrainingRun, TrainResult
 from serving.training.examples import precision_recall_f1, split_holdout
 
@@ -87,42 +92,6 @@ def freeze_early_backbone(body: Any, trainable_layers: int = 3) -> int:
     return 0
 
 
-def linear_decay(optimizer: Any, total_steps: int) -> Any:
-    """Return a scheduler that decays the learning rate linearly to zero over total_steps."""
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, total_steps)))
-
-
-def save_state(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> Callable[[Path], None]:
-    """Return a checkpoint writer of everything a resumed epoch needs."""
-    import torch
-
-    def write(folder: Path) -> None:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-            },
-            folder / "state.pt",
-        )
-
-    return write
-
-
-def load_state(folder: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, device: str) -> None:
-    """Restore a checkpoint written by save_state()."""
-    import torch
-
-    state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-
-
 def write_model(output: Path, model: Any, labels: Sequence[str]) -> None:
     """Write model.pt (state_dict on the CPU) and model.classes.txt: a checkpoint the family serves."""
     import torch
@@ -130,15 +99,6 @@ def write_model(output: Path, model: Any, labels: Sequence[str]) -> None:
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     torch.save(state, output / "model.pt")
     (output / "model.classes.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
-
-
-def amp_setup(device: str) -> tuple[bool, Any, Any]:
-    """Return (autocast on, its dtype, a GradScaler): fp16 mixed precision on CUDA, plain fp32 elsewhere."""
-    import torch
-
-    amp = device.startswith("cuda")
-    dtype = torch.float16
-    return amp, dtype, torch.amp.GradScaler("cuda", enabled=amp)
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -193,6 +153,12 @@ def replace_detector_head(model: Any, num_classes: int) -> None:
     head.num_classes = num_classes
 
 
+def _train_mode(model: Any) -> None:
+    """Put a model in training mode at an epoch's start, its BatchNorm statistics frozen."""
+    model.train()
+    freeze_batchnorm(model)
+
+
 def _detector_body(model: Any) -> Any:
     backbone = getattr(model, "backbone", None)
     return getattr(backbone, "body", backbone)
@@ -243,7 +209,7 @@ def train_detector(run: TrainingRun, user_kwargs: Any) -> TrainResult:
     epochs = run.epochs_or(DETECTION_EPOCHS)
     batch_size = 4 if device.startswith("cuda") else 2
     steps = (len(train) + batch_size - 1) // batch_size
-    optimizer, scheduler, amp, amp_dtype, scaler = sgd_setup(run, model, 0.005, steps * epochs, device)
+    opt = Optimization(*sgd_setup(run, model, 0.005, steps * epochs, device))
     log.info(
         "detector %s: %d labels, %d images (%d held out), %d frozen backbone tensors, %s",
         run.spec.name,
@@ -253,55 +219,43 @@ def train_detector(run: TrainingRun, user_kwargs: Any) -> TrainResult:
         frozen,
         device,
     )
-    for epoch in range(run.start_epoch, epochs + 1):
-        model.train()
-        freeze_batchnorm(model)
-        rng = random.Random(SEED + epoch)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        total, count = 0.0, 0
-        for step, first in enumerate(range(0, len(order), batch_size), start=1):
-            images, targets = [], []
-            for i in order[first : first + batch_size]:
-                tensor, boxes, names = cache.get(i, train[i])
-                boxes_t = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-                if rng.random() < 0.5:  # horizontal flip
-                    width = tensor.shape[-1]
-                    tensor = tensor.flip(-1)
-                    boxes_t = torch.stack(
-                        [width - boxes_t[:, 2], boxes_t[:, 1], width - boxes_t[:, 0], boxes_t[:, 3]], 1
-                    )
-                images.append(tensor.to(device).float().div_(255.0))
-                targets.append(
-                    {
-                        "boxes": boxes_t.to(device),
-                        "labels": torch.as_tensor(
-                            [label_index[n] for n in names], dtype=torch.int64, device=device
-                        ),
-                    }
+
+    def step(chunk: list[int], rng: random.Random) -> tuple[float, dict[str, float]]:
+        images, targets = [], []
+        for i in chunk:
+            tensor, boxes, names = cache.get(i, train[i])
+            boxes_t = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            if rng.random() < 0.5:  # horizontal flip
+                width = tensor.shape[-1]
+                tensor = tensor.flip(-1)
+                boxes_t = torch.stack(
+                    [width - boxes_t[:, 2], boxes_t[:, 1], width - boxes_t[:, 0], boxes_t[:, 3]], 1
                 )
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
-                losses = model(images, targets)
-                loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 10.0)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            value = float(loss.detach())
-            total, count = total + value * len(images), count + len(images)
-            run.progress(
-                epoch,
-                step,
-                value,
-                {k: round(float(v.detach()), 5) for k, v in losses.items()},
-                epochs=epochs,
-                steps=steps,
+            images.append(tensor.to(device).float().div_(255.0))
+            targets.append(
+                {
+                    "boxes": boxes_t.to(device),
+                    "labels": torch.as_tensor(
+                        [label_index[n] for n in names], dtype=torch.int64, device=device
+                    ),
+                }
             )
-        run.end_epoch(epoch, total / max(1, count))
-        run.save_checkpoint(epoch, save_state(model, optimizer, scheduler, scaler))
+        with opt.autocast():
+            losses = model(images, targets)
+            loss = sum(losses.values())
+        opt.step(loss, max_norm=10.0)
+        return float(loss.detach()), {k: round(float(v.detach()), 5) for k, v in losses.items()}
+
+    train_epochs(
+        run,
+        len(train),
+        batch_size,
+        epochs,
+        step,
+        opt.writer(model),
+        seed=SEED,
+        begin_epoch=lambda: _train_mode(model),
+    )
     model.eval()
     write_model(run.output_dir, model, labels)
     metrics = detection_scores(model, cache, train, held_out, labels, device)
@@ -439,7 +393,7 @@ def train_classifier(run: TrainingRun, backend_cls: Any) -> TrainResult:
     epochs = run.epochs_or(CLASSIFICATION_EPOCHS)
     batch_size = 16
     steps = (len(train) + batch_size - 1) // batch_size
-    optimizer, scheduler, amp, amp_dtype, scaler = sgd_setup(run, model, 0.01, steps * epochs, device)
+    opt = Optimization(*sgd_setup(run, model, 0.01, steps * epochs, device))
     log.info(
         "classifier %s: %d choices, %d images, %d frozen tensors",
         run.spec.name,
@@ -447,39 +401,35 @@ def train_classifier(run: TrainingRun, backend_cls: Any) -> TrainResult:
         len(train),
         frozen,
     )
-    for epoch in range(run.start_epoch, epochs + 1):
-        model.train()
-        freeze_batchnorm(model)
-        rng = random.Random(SEED + epoch)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        total, count = 0.0, 0
-        for step, first in enumerate(range(0, len(order), batch_size), start=1):
-            chunk = order[first : first + batch_size]
-            batch = torch.stack([tensor_of(i, train[i]) for i in chunk]).to(device).float().div_(255.0)
-            flip = torch.tensor([rng.random() < 0.5 for _ in chunk], device=device)
-            batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-            x = (batch - mean) / std
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
-                logits = model(x).float()
-            if multiple:
-                goal = torch.zeros((len(chunk), len(labels)), device=device)
-                for row, i in enumerate(chunk):
-                    goal[row, [index[c] for c in train[i].choices]] = 1.0
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, goal)
-            else:
-                goal_idx = torch.tensor([index[train[i].choices[0]] for i in chunk], device=device)
-                loss = torch.nn.functional.cross_entropy(logits, goal_idx)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            value = float(loss.detach())
-            total, count = total + value * len(chunk), count + len(chunk)
-            run.progress(epoch, step, value, epochs=epochs, steps=steps)
-        run.end_epoch(epoch, total / max(1, count))
-        run.save_checkpoint(epoch, save_state(model, optimizer, scheduler, scaler))
+
+    def step(chunk: list[int], rng: random.Random) -> tuple[float, None]:
+        batch = torch.stack([tensor_of(i, train[i]) for i in chunk]).to(device).float().div_(255.0)
+        flip = torch.tensor([rng.random() < 0.5 for _ in chunk], device=device)
+        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+        x = (batch - mean) / std
+        with opt.autocast():
+            logits = model(x).float()
+        if multiple:
+            goal = torch.zeros((len(chunk), len(labels)), device=device)
+            for row, i in enumerate(chunk):
+                goal[row, [index[c] for c in train[i].choices]] = 1.0
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, goal)
+        else:
+            goal_idx = torch.tensor([index[train[i].choices[0]] for i in chunk], device=device)
+            loss = torch.nn.functional.cross_entropy(logits, goal_idx)
+        opt.step(loss)
+        return float(loss.detach()), None
+
+    train_epochs(
+        run,
+        len(train),
+        batch_size,
+        epochs,
+        step,
+        opt.writer(model),
+        seed=SEED,
+        begin_epoch=lambda: _train_mode(model),
+    )
     model.eval()
     write_model(run.output_dir, model, labels)
     scored = held_out or train
