@@ -63,7 +63,7 @@ class Settings:
     text_threshold: float = 0.25  # Grounding DINO: every token of a label's phrase must score this
     # Generation (backends/generation.py): TextArea / Choices from a language or vision-language model.
     llm_text_model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # a Hugging Face id or a save_pretrained() folder
-    llm_vision_model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    llm_vision_model: str = "Qwen/Qwen3-VL-2B-Instruct"
     llm_base_url: str = ""  # an OpenAI-compatible server (".../v1"); tags naming no model then use it
     llm_api_key: str = ""
     llm_model: str = ""  # the model name the server knows

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 (text) and Qwen2.5-VL (vision) models with a byte-level tokenizer, built locally, and planted answers."""
+"""Tiny random Qwen2 (text), Qwen3-VL and Qwen2.5-VL (vision) models with a byte-level tokenizer, built locally, and planted answers."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def build_text_model(folder: Path) -> Path:
     return folder
 
 
-def build_vision_model(folder: Path) -> Path:
+def build_qwen25_vl(folder: Path) -> Path:
     """Save a tiny random Qwen2.5-VL model and its processor (small images) into folder; return it."""
     import torch
     from transformers import (
@@ -131,6 +131,69 @@ def build_vision_model(folder: Path) -> Path:
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_vision_model(folder: Path) -> Path:
+    """Save a tiny random Qwen3-VL model (the default's architecture) and its processor into folder."""
+    import torch
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS_ALL}
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [1],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128
+        ),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
     model.save_pretrained(folder)

@@ -220,3 +220,24 @@ def test_missing_weights_answer_setup_422_with_the_command(tmp_path: Path) -> No
     response = client.post("/setup", json={"schema": CAPTION_CONFIG, "project": "1"})
     assert response.status_code == 422
     assert "python -m serving weights download --model vlm" in str(response.json)
+
+
+def test_qwen25_vl_through_the_same_engine(tmp_path: Path) -> None:
+    """The engine is architecture-neutral: a Qwen2.5-VL checkpoint answers through the same batched path."""
+    from PIL import Image
+
+    from backends._llm_engines import TransformersEngine
+    from backends._llm_prompts import Request
+    from tests.backends._llm_support import build_qwen25_vl
+
+    engine = TransformersEngine(str(build_qwen25_vl(tmp_path / "vl25")), vision=True, timeout_s=30.0)
+    engine.load("cpu")
+    _plant(engine, {"red one": "Red.", "blue one": "Blue!"})
+    replies = engine.generate(
+        [
+            Request("sys", "Name the red one", Image.new("RGB", (80, 60), "red"), 16),
+            Request("sys", "Name the blue one", Image.new("RGB", (50, 90), "blue"), 3),
+        ]
+    )
+    assert [r.text for r in replies] == ["Red.", "Blu"]  # the second row is cut at its own 3 tokens
+    assert all(r.score == pytest.approx(1.0) and not r.error for r in replies)
