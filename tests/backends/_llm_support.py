@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def build_tokenizer() -> Any:
     return fast
 
 
-def build_text_model(folder: Path) -> Path:
+def build_text_model(folder: Path, hidden: int = 32, tied: bool = True) -> Path:
     """Save a tiny random Qwen2ForCausalLM and its tokenizer into folder; return it."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -56,7 +57,7 @@ def build_text_model(folder: Path) -> Path:
     tokenizer = build_tokenizer()
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -65,7 +66,7 @@ def build_text_model(folder: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -138,7 +139,7 @@ def build_qwen25_vl(folder: Path) -> Path:
     return folder
 
 
-def build_vision_model(folder: Path) -> Path:
+def build_vision_model(folder: Path, hidden: int = 32, tied: bool = True) -> Path:
     """Save a tiny random Qwen3-VL model (the default's architecture) and its processor into folder."""
     import torch
     from transformers import (
@@ -155,7 +156,7 @@ def build_vision_model(folder: Path) -> Path:
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
+            "hidden_size": hidden,
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
@@ -172,7 +173,7 @@ def build_vision_model(folder: Path) -> Path:
             "hidden_size": 16,
             "intermediate_size": 32,
             "num_heads": 2,
-            "out_hidden_size": 32,
+            "out_hidden_size": hidden,
             "patch_size": 16,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -183,7 +184,7 @@ def build_vision_model(folder: Path) -> Path:
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     model = Qwen3VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -250,3 +251,43 @@ class PlantedAnswers:
             token = tokens[step] if step < len(tokens) else eos
             forced[row, token] = 0.0
         return forced
+
+
+def plant_bigram_answer(folder: Path, answer: str) -> Path:
+    """Rewrite a saved tiny model's weights so that it writes `answer` for any prompt, with no logits processor.
+
+    Every attention and MLP output is zeroed, so the last position's state is its own token's embedding:
+    the model becomes a bigram table. One-hot embeddings and an untied head send the prompt's final
+    newline to the answer's first token, each answer token to the next, the last one to end of sequence.
+    The answer's tokens (bytes) must be distinct; the hidden size must exceed the vocabulary.
+    Used where a real server process answers (e2e), which no test can hand a logits processor.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    vision = hasattr(config, "vision_config")
+    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = loader.from_pretrained(folder)
+    tokens = tokenizer.encode(answer, add_special_tokens=False)
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"{answer!r} repeats a token: a bigram table cannot write it")
+    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    chain = [newline, *tokens, int(tokenizer.eos_token_id)]
+    embed = model.get_input_embeddings().weight
+    vocab, hidden = embed.shape
+    if hidden <= vocab:
+        raise ValueError(f"hidden size {hidden} must exceed the vocabulary ({vocab})")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")) and "visual" not in name:
+                param.zero_()
+        embed.zero_()
+        embed[torch.arange(vocab), torch.arange(vocab)] = 1.0
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        for current, following in itertools.pairwise(chain):
+            head[following, current] = 10.0
+    model.save_pretrained(folder)
+    return folder
