@@ -90,7 +90,17 @@ class Reply:
 
 
 def content_of(item: Item) -> str:
-    """Return the text an object shows: its text, or a dialogue's "author: text" lines (Paragraphs)."""
+    """Return the text an object shows: its text, an HTML page's visible text, or a dialogue's "author: text" lines."""
+    if item.text is not None and item.obj.tag == "HyperText":
+        from serving.results import hypertext
+
+        # the visible text, as the labeling page shows it: no markup, scripts or hidden parts
+        inline, encoding, _ = hypertext.object_options(item.obj.attrs)
+        try:
+            html = hypertext.decode_value(item.text, encoding)
+        except ValueError:
+            html = item.text
+        return hypertext.parse_html(html, inline).text.strip()
     if item.text is not None:
         return item.text
     if isinstance(item.value, list):

@@ -241,3 +241,27 @@ def test_qwen25_vl_through_the_same_engine(tmp_path: Path) -> None:
     )
     assert [r.text for r in replies] == ["Red.", "Blu"]  # the second row is cut at its own 3 tokens
     assert all(r.score == pytest.approx(1.0) and not r.error for r in replies)
+
+
+def test_hypertext_and_dialogue_content(app: Any) -> None:
+    """HyperText is given as its visible text (no markup); a dialogue as "speaker: line" lines."""
+    client, engines, _ = app
+    planted = _plant(
+        engines["text_generation"],
+        {
+            "the following text in one sentence.\n\nBoard notes\n\nThe board met.": "Board met.",
+            "the following conversation in one sentence.\n\nAnna: Hi Bo\nBo: Hello Anna": "Greetings.",
+        },
+    )
+    config = """<View>
+      <HyperText name="html" value="$html"/><TextArea name="gist" toName="html"/>
+      <Paragraphs name="chat" value="$chat" layout="dialogue" nameKey="speaker" textKey="line"/>
+      <TextArea name="recap" toName="chat"/>
+    </View>"""
+    html = "<html><head><style>p {}</style></head><body><h1>Board notes</h1><p>The board <b>met</b>.</p></body></html>"
+    chat = [{"speaker": "Anna", "line": "Hi Bo"}, {"speaker": "Bo", "line": "Hello Anna"}]
+    tasks = [{"id": 1, "data": {"html": html, "chat": chat}}]
+    response = client.post("/predict", json={"tasks": tasks, "label_config": config})
+    assert response.status_code == 200, response.json
+    assert sorted(_texts(response.json["results"][0])) == [("gist", "Board met."), ("recap", "Greetings.")]
+    assert not any("<b>" in p or "style" in p for p in planted.prompts)
