@@ -34,6 +34,7 @@ DEFAULTS: dict[str, str] = {
     "dialogue_summary": "Summarise the following conversation in one sentence.",
     "dialogue_response": "Write the next reply in the following conversation.",
     "choices": "Which of these choices applies? Choices: {choices}.\nReply with {how}, exactly as written, nothing else.",
+    "rating": "Rate the above from 1 (worst) to {top} (best). Reply with the number only.",
 }
 
 # Languages a TextArea's name or placeholder may name ("spanish", "Translation (German)...").
@@ -147,8 +148,10 @@ def question_in(task: Mapping[str, Any]) -> str:
 
 def purpose(target: Target, item: Item | None = None) -> str:
     """Return which default prompt a target gets: caption, vqa, translation, summary, answer, response..."""
-    if target.control.tag in ("Choices",):
+    if target.control.tag == "Choices":
         return "choices"
+    if target.control.tag == "Rating":
+        return "rating"
     words = f"{target.control.name} {target.option('placeholder')}".lower()
     if target.obj.tag == "Image":
         return "vqa" if item is not None and question_in(item.task) else "caption"
@@ -167,7 +170,7 @@ def purpose(target: Target, item: Item | None = None) -> str:
 def max_tokens(target: Target, default: int) -> int:
     """Return the tag's model_max_tokens (bounded), else the default (smaller for Choices)."""
     raw = target.option("model_max_tokens").strip()
-    fallback = CHOICES_MAX_TOKENS if target.control.tag == "Choices" else default
+    fallback = CHOICES_MAX_TOKENS if target.control.tag in ("Choices", "Rating") else default
     try:
         value = int(raw) if raw else fallback
     except ValueError:
@@ -207,7 +210,11 @@ def build(target: Target, item: Item, system: str, default_max_tokens: int) -> R
     text = content_of(item) if item.image is None else ""
     choices = choice_names(target)
     how = "one or more of the choices, separated by commas" if multiple(target) else "exactly one choice"
-    extra = {"choices": ", ".join(choices), "language": language_of(target) or "English"}
+    extra = {
+        "choices": ", ".join(choices),
+        "language": language_of(target) or "English",
+        "top": str(max_rating(target)),
+    }
     custom = template_of(target)
     if custom:
         prompt = _fill(custom, item.task, extra)
@@ -218,10 +225,14 @@ def build(target: Target, item: Item, system: str, default_max_tokens: int) -> R
     else:
         kind = purpose(target, item)
         head = DEFAULTS[kind].format(
-            language=extra["language"], choices=extra["choices"], how=how, question=question_in(item.task)
+            language=extra["language"],
+            choices=extra["choices"],
+            how=how,
+            question=question_in(item.task),
+            top=extra["top"],
         )
         prompt = f"{head}\n\n{text}" if text else head
-        if kind == "choices" and text:
+        if kind in ("choices", "rating") and text:
             prompt = f"{text}\n\n{head}"
     return Request(
         system=system or DEFAULT_SYSTEM,
@@ -272,3 +283,29 @@ def parse_choices(reply: str, target: Target) -> list[str]:
         if mapped not in chosen:
             chosen.append(mapped)
     return chosen
+
+
+def max_rating(target: Target) -> int:
+    """Return a Rating tag's maxRating (5 by default, Label Studio's)."""
+    try:
+        value = int(target.option("maxRating", "5").strip() or "5")
+    except ValueError:
+        return 5
+    return value if value > 0 else 5
+
+
+def parse_rating(reply: str, target: Target) -> int | None:
+    """Return the rating a reply gives, strictly: one whole number from 1 to maxRating (a "4/5" allowed), else None (logged)."""
+    text = re.sub(r"^(rating|score|answer)\s*:\s*", "", reply.strip(), flags=re.IGNORECASE).strip(_STRIP)
+    top = max_rating(target)
+    match = re.fullmatch(rf"(\d+)(?:\s*(?:/|out of)\s*{top})?", text)
+    value = int(match.group(1)) if match else None
+    if value is None or not 1 <= value <= top:
+        log.info(
+            "rating %s: the model answered %r, not a whole number from 1 to %d; nothing stored",
+            target.control.name,
+            reply[:200],
+            top,
+        )
+        return None
+    return value

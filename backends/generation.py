@@ -56,7 +56,7 @@ def remote_model(name: str, settings: Settings) -> str | None:
 class _Generation(Backend):
     """What both generation families share: claims, prompts, engines, versions, weights."""
 
-    control_tags = ("TextArea", "Choices")
+    control_tags = ("TextArea", "Choices", "Rating")
     # The model loads in bf16 (fp16) on CUDA itself; autocast around generate would only add casts.
     fp16 = False
     local_name: ClassVar[str] = ""
@@ -266,6 +266,9 @@ class _Generation(Backend):
         if reply.error:
             # no result: Label Studio asks for this task again on the next "Retrieve predictions"
             raise InputError(reply.error)
+        if target.control.tag == "Rating":
+            rating = prompts.parse_rating(reply.text, target)
+            return [] if rating is None else [regions.rating_item(target, rating, reply.score)]
         if target.control.tag == "Choices":
             chosen = prompts.parse_choices(reply.text, target)
             if not chosen:
@@ -321,7 +324,7 @@ class VisionGenerationBackend(_Generation):
 
     @classmethod
     def wants(cls, control: ControlTag, on_object: Sequence[ControlTag], settings: Settings) -> bool:
-        """Unnamed: a page-level TextArea of an image without OCR signals (Choices stay the classifier's)."""
+        """Unnamed: a page-level TextArea of an image without OCR signals (Choices and Rating need a model_name)."""
         if control.tag != "TextArea":
             return False
         words = f"{control.name} {control.attr('placeholder')}"

@@ -265,3 +265,47 @@ def test_hypertext_and_dialogue_content(app: Any) -> None:
     assert response.status_code == 200, response.json
     assert sorted(_texts(response.json["results"][0])) == [("gist", "Board met."), ("recap", "Greetings.")]
     assert not any("<b>" in p or "style" in p for p in planted.prompts)
+
+
+RATING_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Rating name="stars" toName="text" maxRating="5"/>
+</View>"""
+
+
+def test_rating_parsed_strictly(app: Any) -> None:
+    """Rating: a whole number from 1 to maxRating ("4/5" too); out of range or words store nothing."""
+    client, engines, _ = app
+    planted = _plant(
+        engines["text_generation"],
+        {"Great food.": "4", "Fine food.": "Rating: 3/5", "Odd food.": "7", "Bad food.": "two"},
+    )
+    texts = ["Great food.", "Fine food.", "Odd food.", "Bad food."]
+    tasks = [{"id": i, "data": {"text": t}} for i, t in enumerate(texts)]
+    response = client.post("/predict", json={"tasks": tasks, "label_config": RATING_CONFIG})
+    assert response.status_code == 200, response.json
+    ratings = [[(r["type"], r["value"]) for r in p["result"]] for p in response.json["results"]]
+    assert ratings == [[("rating", {"rating": 4})], [("rating", {"rating": 3})], [], []]
+    assert all("from 1 (worst) to 5 (best)" in p for p in planted.prompts)
+
+
+def test_validator_checks_rating_range() -> None:
+    """A rating outside 1..maxRating is a problem, so nothing invalid leaves even from another family."""
+    from serving.results.schema import ConfigSchema
+    from serving.results.validation.files import check_prediction
+
+    schema = ConfigSchema.from_config(RATING_CONFIG.replace('maxRating="5"', 'maxRating="3"'))
+
+    def problems(rating: Any) -> list[str]:
+        item = {
+            "from_name": "stars",
+            "to_name": "text",
+            "type": "rating",
+            "value": {"rating": rating},
+            "score": 1.0,
+        }
+        prediction = {"result": [item], "score": 1.0, "model_version": "v"}
+        return [p.code for p in check_prediction(schema, prediction, {"text": "x"})]
+
+    assert problems(3) == [] and problems(1) == []
+    assert problems(4) == ["bad_value"] and problems(0) == ["bad_value"] and problems("2") == ["bad_value"]
