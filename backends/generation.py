@@ -200,6 +200,12 @@ class _Generation(Backend):
     def download_weights(cls, models: Sequence[str], settings: Settings) -> list[str]:
         """Fetch the in-process model (only when asked: `--model llm` / `--model vlm`, several GB each)."""
         if cls.local_name not in models:
+            if not models:
+                log.info(
+                    "%s: not part of the default download (several GB): fetch it with --model %s",
+                    cls.family,
+                    cls.local_name,
+                )
             return []
         from huggingface_hub import snapshot_download
 

@@ -108,3 +108,16 @@ def test_registry_order_puts_text_generation_last() -> None:
     assert families.index("vision_generation") < families.index("ocr")
     assert registry()["text_generation"] is TextGenerationBackend
     assert registry()["vision_generation"] is VisionGenerationBackend
+
+
+def test_weights_download_names_route_to_the_families(caplog: pytest.LogCaptureFixture) -> None:
+    """`--model vlm` / `--model llm` reach their family; a plain download fetches neither (several GB)."""
+    import logging
+
+    from serving.cli.weights import _owner
+
+    assert _owner("vlm", registry()) == "vision_generation"
+    assert _owner("llm", registry()) == "text_generation"
+    with caplog.at_level(logging.INFO, logger="backends.generation"):
+        assert TextGenerationBackend.download_weights([], Settings()) == []
+    assert "fetch it with --model llm" in caplog.text
