@@ -309,3 +309,30 @@ def test_validator_checks_rating_range() -> None:
 
     assert problems(3) == [] and problems(1) == []
     assert problems(4) == ["bad_value"] and problems(0) == ["bad_value"] and problems("2") == ["bad_value"]
+
+
+def test_image_choices_named_for_the_vision_model(app: Any) -> None:
+    """Choices on an image with model_name="vlm": the vision model picks among the listed choices."""
+    client, engines, _ = app
+    planted = _plant(engines["vision_generation"], {"Choices: Indoor, Outdoor": "outdoor"})
+    config = """<View><Image name="image" value="$image"/>
+      <Choices name="scene" toName="image" model_name="vlm"><Choice value="Indoor"/><Choice value="Outdoor"/></Choices>
+    </View>"""
+    tasks = [{"id": 1, "data": {"image": _png("skyblue")}}]
+    response = client.post("/predict", json={"tasks": tasks, "label_config": config})
+    assert response.status_code == 200, response.json
+    (region,) = response.json["results"][0]["result"]
+    assert region["type"] == "choices" and region["value"] == {"choices": ["Outdoor"]}
+    assert "Reply with exactly one choice" in planted.prompts[0]
+
+
+def test_time_limit_stops_a_batch_early(models: dict[str, Path]) -> None:
+    """LLM_TASK_TIMEOUT_S bounds generate (max_time): past it, each row keeps what it has written."""
+    from backends._llm_engines import TransformersEngine
+    from backends._llm_prompts import Request
+
+    engine = TransformersEngine(str(models["text"]), vision=False, timeout_s=1e-9)
+    engine.load("cpu")
+    _plant(engine, {"go": "A long planted answer."})
+    (reply,) = engine.generate([Request("sys", "go", None, 64)])
+    assert reply.text == "A" and not reply.error  # one step, then the time limit ends the batch
