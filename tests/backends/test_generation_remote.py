@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -65,7 +66,12 @@ class FakeServer:
                         self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
                         return
                     answer = "echo: " + text.splitlines()[-1]
-                    self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+                    choice: dict[str, Any] = {"message": {"role": "assistant", "content": answer}}
+                    if "scored" in text:  # a server that returns token log-probabilities
+                        choice["logprobs"] = {
+                            "content": [{"logprob": math.log(0.5)}, {"logprob": math.log(0.5)}]
+                        }
+                    self._send(200, {"choices": [choice]})
                 finally:
                     with server.lock:
                         server.in_flight -= 1
@@ -219,3 +225,15 @@ def test_server_needs_a_url_and_a_model(tmp_path: Any) -> None:
     config = SUMMARY_CONFIG.replace('toName="text"', 'toName="text" model_name="openai:gpt-4o-mini"')
     response = client.post("/setup", json={"schema": config, "project": "1"})
     assert response.status_code == 422 and "LLM_BASE_URL is not set" in str(response.json)
+
+
+def test_system_prompt_setting_and_logprob_score(server: FakeServer, tmp_path: Any) -> None:
+    """LLM_SYSTEM_PROMPT is the system turn; a server's log-probabilities give the score (mean token probability)."""
+    client = _client(server, tmp_path, llm_system_prompt="Be terse.")
+    tasks = [{"id": 1, "data": {"text": "scored text"}}, {"id": 2, "data": {"text": "plain text"}}]
+    scored, plain = client.post("/predict", json={"tasks": tasks, "label_config": SUMMARY_CONFIG}).json[
+        "results"
+    ]
+    assert scored["result"][0]["score"] == pytest.approx(0.5)
+    assert plain["result"][0]["score"] == pytest.approx(1.0)
+    assert {b["messages"][0]["content"] for b in server.bodies} == {"Be terse."}
