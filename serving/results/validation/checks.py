@@ -65,6 +65,17 @@ class _Checker(GeometryChecks, SpanChecks):
                 out.append(
                     self.problem(item, "bad_value", "a textarea item needs value.text as a list of strings")
                 )
+        if type_ == "rating" or control.tag == "Rating":
+            rating = value.get("rating")
+            top = control.max_rating or 5
+            if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= top:
+                out.append(
+                    self.problem(
+                        item,
+                        "bad_value",
+                        f"a rating item needs value.rating as a whole number from 1 to {top}",
+                    )
+                )
         needs_region = control.per_region or (
             control.tag == "Labels" and obj is not None and obj.tag in IMAGE_OBJECTS
         )
