@@ -352,6 +352,30 @@ class Runtime:
         """Start each task of each group as its model gives room, in task order, until the deadline."""
         finals: list[tuple[int, Future[list[dict[str, Any]]]]] = []
         starts = [0] * len(groups)
+        # While this loop hands items out, more are coming to each model: the first items decoded must
+        # not end the batcher's wait for company before the other tags' items of the same tasks are
+        # counted (one forward per model for the request, not one per tag). The wait stays bounded
+        # by MAX_WAIT_MS.
+        slots = list({id(slot): slot for slot, _, _ in groups}.values())
+        for slot in slots:
+            slot.add_pending(1)
+        try:
+            self._hand_out(call, groups, tickets, pool, starts, finals)
+        finally:
+            for slot in slots:
+                slot.add_pending(-1)
+        return finals
+
+    def _hand_out(
+        self,
+        call: _Call,
+        groups: list[tuple[ModelSlot, ObjectTag, list[Target]]],
+        tickets: list[Ticket | None],
+        pool: ThreadPoolExecutor,
+        starts: list[int],
+        finals: list[tuple[int, Future[list[dict[str, Any]]]]],
+    ) -> None:
+        """Start tasks group by group as each model gives room, in task order, until the deadline."""
         n = len(call.tasks)
         while any(s < n for s in starts):
             for g, (slot, obj, targets) in enumerate(groups):
@@ -364,10 +388,12 @@ class Runtime:
                         call.reasons.setdefault(i, call.late)
                     starts[g] = n
                     continue
+                # counted as coming before any is submitted: the first one decoded must not find the
+                # count at zero while its siblings are still being handed to the pool (a split batch)
+                slot.add_pending(room)
                 for i in range(starts[g], starts[g] + room):
                     finals.append((i, self._start(call, slot, obj, targets, i, pool)))
                 starts[g] += room
-        return finals
 
     def _start(  # noqa: C901 (one task's pipeline as four small callbacks sharing `final`: mccabe adds them up)
         self,
@@ -446,8 +472,7 @@ class Runtime:
                 # only once the item is queued: the batcher waits for company while some are coming
                 slot.add_pending(-1)
 
-        slot.add_pending(1)
-        try:
+        try:  # the caller counted this item in slot.pending; prepare_and_queue uncounts it
             pool.submit(prepare_and_queue)
         except RuntimeError:
             slot.add_pending(-1)
