@@ -36,6 +36,8 @@ from serving.contract import (
     ModelSpec,
     ObjectTag,
     Target,
+    TrainingRun,
+    TrainResult,
     weights_fingerprint,
 )
 from serving.errors import InputError
@@ -313,6 +315,34 @@ class RtDetrBackend(Backend):
                 )
             written.append(str(folder))
         return written
+
+    # ---- training (backends/_detr_train.py) ----
+    @classmethod
+    def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:
+        """Return None when this checkpoint can be fine-tuned here, else why not (GPU, or TRAIN_ALLOW_CPU)."""
+        from serving.training.names import training_device
+
+        reason = cls.availability(spec, settings)
+        if reason:
+            return f"cannot train: {reason}"
+        if not training_device(settings).startswith("cuda") and not settings.train_allow_cpu:
+            return (
+                "real-time DETRs train on a GPU: no CUDA device here (set TRAIN_ALLOW_CPU=true to train on "
+                "the CPU anyway; expect hours for a few hundred images)"
+            )
+        return None
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> TrainResult:
+        """Give the checkpoint a class head for the config's labels and fine-tune it (the version is a folder)."""
+        from backends import _detr_train
+
+        folder = cls._folder_of(run.spec, run.settings)
+        if folder is None:
+            raise RuntimeError(
+                cls.availability(run.spec, run.settings) or f"no checkpoint for {run.spec.key}"
+            )
+        return _detr_train.train_detr(run, folder)
 
     # ---- runtime ----
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:

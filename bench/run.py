@@ -160,6 +160,13 @@ BENCHES: list[tuple[str, str, list[str], list[str]]] = [
         ],
         ["--arch", "tiny", "--n", "20", "--cold-n", "3", "--encode-n", "3", "--clients", "2"],
     ),
+    # Faster R-CNN v2 vs D-FINE-L vs RT-DETRv2-R50 vs a YOLO11n checkpoint, raw / /predict / per task (#33).
+    (
+        "detectors",
+        "bench.bench_detectors",
+        ["--images", "256", "--batch", "16"],
+        ["--images", "4", "--batch", "2"],
+    ),
     (
         "load",
         "bench.load_test",

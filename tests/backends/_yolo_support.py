@@ -47,6 +47,24 @@ def save_yolo(path: Path, task: str = "detect", classes: tuple[str, ...] = CLASS
     return path
 
 
+def make_sure_of(path: Path, cls: int) -> Path:
+    """Rewrite a detect checkpoint so that every anchor scores class `cls` near 1 and the others near 0.
+
+    For a server in another process, where no Results can be planted: the class convolutions' weights
+    are zeroed and their biases set (+10 for `cls`, -10 for the rest), the box branch stays random.
+    """
+    checkpoint = torch.load(path, weights_only=False)
+    head = checkpoint["model"].model[-1]
+    with torch.no_grad():
+        for branch in head.cv3:
+            conv = branch[-1]
+            conv.weight.zero_()
+            conv.bias.fill_(-10.0)
+            conv.bias[cls] = 10.0
+    torch.save(checkpoint, path)
+    return path
+
+
 @dataclass(frozen=True)
 class Plant:
     """One planted detection, in coordinates relative to the image (0-1): what depends on the task.
