@@ -68,6 +68,8 @@ class Settings:
     download_timeout_s: float = 15.0
     max_image_pixels: int = 100_000_000
     max_text_chars: int = 2_000_000
+    # Audio families: longer audio is refused while decoding (an hour of 16 kHz mono float32 is 230 MB).
+    max_audio_seconds: float = 3600.0
     cache_max_bytes: int = 512 * 1024 * 1024
     # Image embeddings of promptable models (SAM), per process, on the model's device: a SAM 2 image
     # is ~16 MB in fp32 (~8 MB fp16), so the default keeps about 32 images (64 in fp16).

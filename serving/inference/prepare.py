@@ -1,4 +1,4 @@
-"""Preparing one task for one model: its value found in task.data, resolved (image, text, paragraphs), preprocessed.
+"""Preparing one task for one model: its value found in task.data, resolved (image, text, paragraphs, audio), preprocessed.
 
 Runs on the runtime's CPU pool; every problem with one task's input raises InputError with what to fix.
 """
@@ -51,6 +51,14 @@ def prepare(
                 return item, cached
         item.image = resolver.load_image(value, task_id, shrink=backend.input_scale)
         item.original_size = item.image.info.get(ORIGINAL_SIZE)
+    elif kind == "audio":
+        if not isinstance(value, str):
+            raise InputError(
+                f"data['{obj.value_key}'] must be an audio URL or path, got {type(value).__name__}"
+            )
+        rate = backend.audio_rate()
+        audio = resolver.load_audio(value, task_id, sample_rate=rate)
+        item.audio, item.sample_rate = audio.samples, audio.sample_rate
     elif kind == "text" and obj.tag == "Paragraphs":
         item.value = _paragraphs(value, obj, task_id, resolver)
     elif kind == "text":
