@@ -61,6 +61,9 @@ class Settings:
     # (grounding_dino, owlv2, ...) or a torchvision detector name makes that the default.
     detector: str = ""
     text_threshold: float = 0.25  # Grounding DINO: every token of a label's phrase must score this
+    # Audio transcription (backends/audio_transcription.py): the checkpoint "whisper" names. Turbo is
+    # large-v3 with 4 decoder layers: multilingual, near large-v3's accuracy, several times faster to decode.
+    whisper_model: str = "openai/whisper-large-v3-turbo"
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
