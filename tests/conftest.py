@@ -15,6 +15,10 @@ for _name in ("HOME", "TORCH_HOME", "HF_HOME", "XDG_CACHE_HOME", "EASYOCR_MODULE
     os.environ[_name] = str(_BASE / _name.lower())
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Ultralytics (the yolo family): no hub or GitHub asset look-ups, its settings file under the test home.
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_CONFIG_DIR"] = str(_BASE / "yolo_config")
+(_BASE / "yolo_config").mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture
@@ -27,8 +31,27 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+# Markers every test of a folder carries, applied here instead of a `pytestmark` line in each file
+# (tests/e2e talks to a real Label Studio, which takes tens of seconds to start).
+_FOLDER_MARKS = {"e2e": ("e2e", "slow")}
+_TESTS = Path(__file__).resolve().parent
+
+
+def _mark_by_folder(items: list[pytest.Item]) -> None:
+    """Add the markers of each test's folder under tests/ (see _FOLDER_MARKS)."""
+    for item in items:
+        try:
+            folder = Path(item.path).resolve().relative_to(_TESTS).parts[0]
+        except ValueError:
+            continue
+        for name in _FOLDER_MARKS.get(folder, ()):
+            item.add_marker(getattr(pytest.mark, name))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the folder markers must already be there
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip GPU tests where CUDA is missing."""
+    """Mark tests by folder; skip GPU tests where CUDA is missing."""
+    _mark_by_folder(items)
     try:
         import torch
 
