@@ -158,6 +158,16 @@ class Item:
     # The targets this item is predicted for (its group's control tags), for backends whose input
     # depends on them (e.g. which drawn regions are prompts).
     targets: Sequence[Target] = ()
+    # Audio objects (input_kind "audio"): mono float32 samples at sample_rate Hz (Backend.audio_rate()).
+    audio: np.ndarray | None = None
+    sample_rate: int = 0
+
+    @property
+    def duration(self) -> float:
+        """Return the audio's length in seconds (0 without audio)."""
+        if self.audio is None or self.sample_rate <= 0:
+            return 0.0
+        return float(self.audio.shape[0]) / float(self.sample_rate)
 
     @property
     def task_id(self) -> Any:
@@ -337,7 +347,7 @@ class Backend(ABC):
     family: ClassVar[str] = ""
     control_tags: ClassVar[tuple[str, ...]] = ()
     object_tags: ClassVar[tuple[str, ...]] = ("Image",)
-    input_kind: ClassVar[str] = "image"  # "image" or "text": what the runtime resolves
+    input_kind: ClassVar[str] = "image"  # "image", "text" or "audio": what the runtime resolves
     max_batch_size: ClassVar[int] = 8
     priority: ClassVar[int] = 100  # lower claims controls first
     fp16: ClassVar[bool] = True  # autocast on CUDA is safe for this family
@@ -454,6 +464,10 @@ class Backend(ABC):
         never smaller than this scale), so preprocess must resize to sizes computed from item.size.
         """
         return 1.0
+
+    def audio_rate(self) -> int:
+        """Return the sample rate (Hz) audio is resampled to for this model (input_kind "audio")."""
+        return 16000
 
     def preprocess(self, item: Item) -> Any:
         """Turn one decoded item into the model's input (CPU, thread pool)."""

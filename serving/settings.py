@@ -73,6 +73,9 @@ class Settings:
     llm_concurrency: int = 8  # requests in flight to the server, per process
     llm_retries: int = 3  # on 429, 5xx, timeouts and connection errors
     llm_image_max_pixels: int = 1024 * 1024  # images are shrunk to this many pixels before the model
+    # Audio transcription (backends/audio_transcription.py): the checkpoint "whisper" names. Turbo is
+    # large-v3 with 4 decoder layers: multilingual, near large-v3's accuracy, several times faster to decode.
+    whisper_model: str = "openai/whisper-large-v3-turbo"
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
@@ -80,6 +83,8 @@ class Settings:
     download_timeout_s: float = 15.0
     max_image_pixels: int = 100_000_000
     max_text_chars: int = 2_000_000
+    # Audio families: longer audio is refused while decoding (an hour of 16 kHz mono float32 is 230 MB).
+    max_audio_seconds: float = 3600.0
     cache_max_bytes: int = 512 * 1024 * 1024
     # Image embeddings of promptable models (SAM), per process, on the model's device: a SAM 2 image
     # is ~16 MB in fp32 (~8 MB fp16), so the default keeps about 32 images (64 in fp16).

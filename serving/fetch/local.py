@@ -11,12 +11,13 @@ import mimetypes
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
 from serving.errors import InputError
+from serving.fetch.audio import Audio, decode_audio
 from serving.fetch.cache import Fetched
 from serving.fetch.decode import ImageDecoder, Shrink
 from serving.fetch.resolver import Resolver
@@ -34,7 +35,8 @@ class LocalFileResolver:
         self._fallback_factory = fallback
         self._fallback: Resolver | None = None
         self._lock = threading.Lock()
-        self._decoder = ImageDecoder((settings or Settings()).max_image_pixels)
+        self._settings = settings or Settings()
+        self._decoder = ImageDecoder(self._settings.max_image_pixels)
 
     def _inner(self) -> Resolver:
         with self._lock:
@@ -70,6 +72,23 @@ class LocalFileResolver:
             raise InputError(f"cannot read {path.name}: {exc.strerror}") from None
         mime = mimetypes.guess_type(path.name)[0] or ""
         return self._decoder.decode(Fetched(body, mime, None, path.name), shrink)
+
+    def load_audio(self, value: str, task_id: int | None = None, *, sample_rate: int = 16000) -> Audio:
+        """Return mono float32 audio at sample_rate (file:// decoded by the same decoder as a download)."""
+        if not (isinstance(value, str) and value.startswith("file://")):
+            return cast(Audio, self._inner().load_audio(value, task_id, sample_rate=sample_rate))
+        path = self.local_path(value)
+        limit = self._settings.max_download_bytes
+        try:
+            if limit > 0 and path.stat().st_size > limit:
+                raise InputError(f"{path.name} is over MAX_DOWNLOAD_BYTES={limit}")
+            body = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {path.name}: {exc.strerror}") from None
+        mime = mimetypes.guess_type(path.name)[0] or ""
+        return decode_audio(
+            Fetched(body, mime, None, path.name), sample_rate, self._settings.max_audio_seconds
+        )
 
     def load_text(self, value: Any, task_id: int | None = None, *, as_url: bool | None = None) -> str:
         """Return text (file:// read as UTF-8)."""

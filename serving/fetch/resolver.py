@@ -26,6 +26,7 @@ import requests
 from PIL import Image
 
 from serving.errors import InputError
+from serving.fetch.audio import Audio, decode_audio
 from serving.fetch.cache import DiskCache, Fetched
 from serving.fetch.decode import ImageDecoder, Shrink, decode_text, scrub_surrogates
 from serving.fetch.lsclient import LabelStudioClient
@@ -51,6 +52,8 @@ class Resolver(Protocol):
     def load_image(self, value: str, task_id: int | None = None, shrink: Shrink | None = None) -> Any: ...
 
     def load_text(self, value: str, task_id: int | None = None, *, as_url: bool | None = None) -> str: ...
+
+    def load_audio(self, value: str, task_id: int | None = None, *, sample_rate: int = 16000) -> Any: ...
 
 
 def _media_type(header: str | None) -> tuple[str, str | None]:
@@ -134,6 +137,10 @@ class DataResolver:
         holds the size Label Studio shows.
         """
         return self._decoder.decode(self.fetch(value, task_id), shrink)
+
+    def load_audio(self, value: str, task_id: int | None = None, *, sample_rate: int = 16000) -> Audio:
+        """Return the audio behind value as mono float32 at sample_rate (MAX_AUDIO_SECONDS enforced)."""
+        return decode_audio(self.fetch(value, task_id), sample_rate, self._settings.max_audio_seconds)
 
     def load_text(self, value: Any, task_id: int | None = None, *, as_url: bool | None = None) -> str:
         """Return text: value itself, or the decoded download when it is a URL (as_url forces either way)."""

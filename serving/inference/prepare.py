@@ -1,4 +1,4 @@
-"""Preparing one task for one model: its value found in task.data, resolved (image, text, paragraphs), preprocessed.
+"""Preparing one task for one model: its value found in task.data, resolved (image, text, paragraphs, audio), preprocessed.
 
 Runs on the runtime's CPU pool; every problem with one task's input raises InputError with what to fix.
 """
@@ -24,18 +24,7 @@ def prepare(
     resolver: Resolver,
 ) -> tuple[Item, Any]:
     """Return the task's Item for `obj` (its image or text resolved) and the backend's preprocessed input."""
-    if not isinstance(task, Mapping):
-        raise InputError(f"task is a {type(task).__name__}, not an object with 'data'")
-    data = task.get("data")
-    if not isinstance(data, Mapping):
-        raise InputError("task has no 'data' object")
-    if obj.value_key not in data:
-        keys = ", ".join(sorted(map(str, data))[:10]) or "none"
-        raise InputError(
-            f"task data has no key '{obj.value_key}' (the config's <{obj.tag} value=\"${obj.value_key}\">); "
-            f"keys present: {keys}"
-        )
-    value = data[obj.value_key]
+    value = _task_value(task, obj)
     task_id = task.get("id") if isinstance(task.get("id"), int) else None
     item = Item(task=task, obj=obj, context=context, targets=tuple(targets))
     kind = type(backend).input_kind
@@ -51,6 +40,8 @@ def prepare(
                 return item, cached
         item.image = resolver.load_image(value, task_id, shrink=backend.input_scale)
         item.original_size = item.image.info.get(ORIGINAL_SIZE)
+    elif kind == "audio":
+        _load_audio(item, value, task_id, backend, resolver)
     elif kind == "text" and obj.tag == "Paragraphs":
         item.value = _paragraphs(value, obj, task_id, resolver)
     elif kind == "text":
@@ -63,6 +54,32 @@ def prepare(
         else:
             item.text = resolver.load_text(value, task_id)
     return item, backend.preprocess(item)
+
+
+def _task_value(task: Any, obj: ObjectTag) -> Any:
+    """Return the task's data value for `obj` (InputError when the task or the key is missing)."""
+    if not isinstance(task, Mapping):
+        raise InputError(f"task is a {type(task).__name__}, not an object with 'data'")
+    data = task.get("data")
+    if not isinstance(data, Mapping):
+        raise InputError("task has no 'data' object")
+    if obj.value_key not in data:
+        keys = ", ".join(sorted(map(str, data))[:10]) or "none"
+        raise InputError(
+            f"task data has no key '{obj.value_key}' (the config's <{obj.tag} value=\"${obj.value_key}\">); "
+            f"keys present: {keys}"
+        )
+    return data[obj.value_key]
+
+
+def _load_audio(item: Item, value: Any, task_id: int | None, backend: Backend, resolver: Resolver) -> None:
+    """Decode the task's audio into the item at the backend's rate (InputError for a value that is no URL)."""
+    if not isinstance(value, str):
+        raise InputError(
+            f"data['{item.obj.value_key}'] must be an audio URL or path, got {type(value).__name__}"
+        )
+    audio = resolver.load_audio(value, task_id, sample_rate=backend.audio_rate())
+    item.audio, item.sample_rate = audio.samples, audio.sample_rate
 
 
 def _paragraphs(value: Any, obj: ObjectTag, task_id: int | None, resolver: Resolver) -> list[Any]:

@@ -453,6 +453,42 @@ def region_textarea_item(
     return _base_item(target, textarea.name, "textarea", value, region_id, score, size)
 
 
+def audio_segment_items(
+    target: Target,
+    start: float,
+    end: float,
+    duration: float,
+    score: float,
+    label: str,
+    text: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of one audio region: the labeled segment (seconds) and its per-region text.
+
+    Times are clamped into [0, duration] (what Label Studio's player can show); `original_length`
+    carries the duration so that validation can check the region against it.
+    """
+    region_id = region_id or new_id()
+    start = min(max(float(start), 0.0), float(duration))
+    end = min(max(float(end), start), float(duration))
+    geometry: dict[str, Any] = {"start": round(start, 3), "end": round(end, 3), "channel": 0}
+    value = dict(geometry)
+    value[target.control.tag.lower()] = [label]
+    items = [
+        _base_item(target, target.control.name, target.control.tag.lower(), value, region_id, score, None)
+    ]
+    textarea = target.linked.get("textarea")
+    if textarea is not None and text is not None:
+        items.append(
+            _base_item(
+                target, textarea.name, "textarea", {**geometry, "text": [text]}, region_id, score, None
+            )
+        )
+    for item in items:
+        item["original_length"] = round(float(duration), 3)
+    return items
+
+
 def prediction_score(items: Sequence[dict[str, Any]]) -> float:
     """Return the mean score over regions (one score per region id), 0.0 when empty."""
     by_region: dict[str, float] = {}
