@@ -131,3 +131,26 @@ def test_leaving_gives_untaken_room_to_the_next_in_line() -> None:
     batcher.release(2)
     assert batcher.held == 0
     gate.open.set()
+
+
+def test_an_urgent_request_is_not_refused_for_the_bulk_work_queued_ahead_of_it() -> None:
+    def model(batch: list[int]) -> list[int]:
+        time.sleep(0.01)
+        return batch
+
+    batcher = Batcher("m", model, max_batch_size=10, max_wait_ms=0, queue_size=1000)
+    far = time.monotonic() + 30
+    warm = batcher.enter(BULK, 100, far)
+    assert warm.take(far) == 100
+    assert [f.result(timeout=10) for f in [batcher.put(i) for i in range(100)]] == list(range(100))
+    warm.leave()
+    bulk = batcher.enter(BULK, 990, far)
+    assert bulk.take(far) == 990
+    queued = [batcher.put(i) for i in range(990)]  # ~1 s of work ahead
+    soon = time.monotonic() + 0.3
+    with pytest.raises(Overloaded):
+        batcher.enter(BULK, 1, soon)
+    assert batcher.submit(7, URGENT, soon).result(timeout=5) == 7  # taken before the bulk items
+    assert not queued[-1].done()
+    bulk.leave()
+    assert queued[-1].result(timeout=10) == 989
