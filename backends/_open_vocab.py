@@ -271,26 +271,8 @@ def dino_chunks(
     tokens_of = dict(zip(flat, tokenize(flat), strict=True)) if flat else {}
     groups: list[tuple[int, list[list[int]]]] = []  # (entry index, token ids of each phrase)
     for index, entry in enumerate(entries):
-        kept: list[list[int]] = []
-        cost = 0
-        for phrase in entry.phrases:
-            ids = [i for i in tokens_of[phrase] if i not in (dot_id, cls_id, sep_id)]
-            if not ids:
-                continue
-            if cost + len(ids) + 1 > budget:
-                if not kept:
-                    kept.append(ids[: budget - 1])
-                    cost = budget
-                log.warning(
-                    "label %r: its prompt phrases exceed one %d-token prompt; kept %d of %d",
-                    entry.label,
-                    max_len,
-                    len(kept),
-                    len(entry.phrases),
-                )
-                break
-            kept.append(ids)
-            cost += len(ids) + 1
+        token_ids = [[i for i in tokens_of[p] if i not in (dot_id, cls_id, sep_id)] for p in entry.phrases]
+        kept = _fit_phrases(entry, token_ids, budget, max_len)
         if kept:
             groups.append((index, kept))
 
@@ -320,6 +302,31 @@ def dino_chunks(
                 phrase_entry.append(index)
         chunks.append(DinoChunk((*input_ids, sep_id), (*token_phrase, -1), tuple(phrase_entry)))
     return chunks
+
+
+def _fit_phrases(
+    entry: LabelPrompt, token_ids: list[list[int]], budget: int, max_len: int
+) -> list[list[int]]:
+    """Return the token ids of the label's phrases that fit one prompt (at least its first, truncated)."""
+    kept: list[list[int]] = []
+    cost = 0
+    for ids in token_ids:
+        if not ids:
+            continue
+        if cost + len(ids) + 1 > budget:
+            if not kept:
+                kept.append(ids[: budget - 1])
+            log.warning(
+                "label %r: its prompt phrases exceed one %d-token prompt; kept %d of %d",
+                entry.label,
+                max_len,
+                len(kept),
+                len(entry.phrases),
+            )
+            break
+        kept.append(ids)
+        cost += len(ids) + 1
+    return kept
 
 
 @dataclass(eq=False)

@@ -26,11 +26,7 @@ from typing import Any
 import numpy as np
 
 from backends import _torchvision as tv
-from backends._train_loop import Optimization, amp_setup, linear_decay, train_epochs
-
-# The shared loop's checkpoint helpers, still reachable here for recipes that import them from this module.
-from backends._train_loop import load_state as load_state
-from backends._train_loop import save_state as save_state
+from backends._train_loop import Optimization, amp_setup, linear_decay, load_state, train_epochs
 from serving.contract import Example, TrainingRun, TrainResult
 from serving.training.examples import precision_recall_f1, split_holdout
 
@@ -359,6 +355,35 @@ def freeze_classifier_backbone(model: Any) -> int:
     return frozen
 
 
+class ClassifierImages:
+    """Training images preprocessed as the family serves them (resize + center crop), kept across epochs."""
+
+    def __init__(self, run: TrainingRun, helper: Any, device: str) -> None:
+        import torch
+
+        self.run = run
+        self.helper = helper
+        self.device = device
+        self.mean = torch.tensor(helper.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(helper.std, device=device).view(1, 3, 1, 1)
+        self.tensors: dict[int, Any] = {}
+
+    def get(self, index: int, example: Example) -> Any:
+        """Return the uint8 CHW tensor of an example (preprocessed once)."""
+        if index not in self.tensors:
+            from serving.contract import Item, ObjectTag
+
+            image, _, _ = self.run.load_image(example)
+            self.tensors[index] = self.helper.preprocess(
+                Item({"id": example.task_id}, ObjectTag(example.obj, "Image", ""), image=image)
+            )
+        return self.tensors[index]
+
+    def normalise(self, batch: Any) -> Any:
+        """Return a uint8 NCHW batch on the device as the model's normalised float input."""
+        return (batch.to(self.device).float().div_(255.0) - self.mean) / self.std
+
+
 def train_classifier(run: TrainingRun, backend_cls: Any) -> TrainResult:
     """Fine-tune a torchvision classifier for the config's choices; write model.pt + model.classes.txt."""
     import torch
@@ -375,21 +400,7 @@ def train_classifier(run: TrainingRun, backend_cls: Any) -> TrainResult:
     model.to(device)
     usable = [e for e in run.examples if e.choices]
     train, held_out = split_holdout(usable)
-    helper = backend_cls(run.spec, run.settings)  # the serving preprocessing (resize + center crop)
-    mean = torch.tensor(helper.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(helper.std, device=device).view(1, 3, 1, 1)
-    tensors: dict[int, Any] = {}
-
-    def tensor_of(i: int, example: Example) -> Any:
-        if i not in tensors:
-            from serving.contract import Item, ObjectTag
-
-            image, _, _ = run.load_image(example)
-            tensors[i] = helper.preprocess(
-                Item({"id": example.task_id}, ObjectTag(example.obj, "Image", ""), image=image)
-            )
-        return tensors[i]
-
+    images = ClassifierImages(run, backend_cls(run.spec, run.settings), device)
     epochs = run.epochs_or(CLASSIFICATION_EPOCHS)
     batch_size = 16
     steps = (len(train) + batch_size - 1) // batch_size
@@ -403,10 +414,9 @@ def train_classifier(run: TrainingRun, backend_cls: Any) -> TrainResult:
     )
 
     def step(chunk: list[int], rng: random.Random) -> tuple[float, None]:
-        batch = torch.stack([tensor_of(i, train[i]) for i in chunk]).to(device).float().div_(255.0)
+        batch = torch.stack([images.get(i, train[i]) for i in chunk]).to(device)
         flip = torch.tensor([rng.random() < 0.5 for _ in chunk], device=device)
-        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-        x = (batch - mean) / std
+        x = images.normalise(torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch))
         with opt.autocast():
             logits = model(x).float()
         if multiple:
@@ -432,23 +442,33 @@ def train_classifier(run: TrainingRun, backend_cls: Any) -> TrainResult:
     )
     model.eval()
     write_model(run.output_dir, model, labels)
+    return TrainResult("model.pt", classification_scores(model, images, train, held_out, labels, multiple))
+
+
+def classification_scores(
+    model: Any,
+    images: ClassifierImages,
+    train: Sequence[Example],
+    held_out: Sequence[Example],
+    labels: Sequence[str],
+    multiple: bool,
+) -> dict[str, Any]:
+    """Return the accuracy on held-out images (else training): every choice right for choice="multiple"."""
+    import torch
+
     scored = held_out or train
     offset = len(train) if held_out else 0
     correct = 0
     with torch.inference_mode():
         for k, example in enumerate(scored):
-            x = (tensor_of(offset + k, example)[None].to(device).float().div_(255.0) - mean) / std
-            logits = model(x).float()[0]
+            logits = model(images.normalise(images.get(offset + k, example)[None])).float()[0]
             if multiple:
                 picked = {labels[j] for j in torch.nonzero(logits.sigmoid() >= 0.5).flatten().tolist()}
                 correct += picked == set(example.choices)
             else:
                 correct += labels[int(logits.argmax())] == example.choices[0]
-    return TrainResult(
-        "model.pt",
-        {
-            "on": "held_out" if held_out else "train",
-            "accuracy": round(correct / max(1, len(scored)), 4),
-            "images": len(scored),
-        },
-    )
+    return {
+        "on": "held_out" if held_out else "train",
+        "accuracy": round(correct / max(1, len(scored)), 4),
+        "images": len(scored),
+    }

@@ -419,23 +419,7 @@ def _parse_context(
         value = region.get("value")
         if not isinstance(value, Mapping):
             raise InputError(f"region {region_id!r} has no 'value' object")
-        if kind in POINT_TYPES:
-            x, y = _number(value, "x", region_id), _number(value, "y", region_id)
-            if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):
-                raise InputError(f"click {region_id!r} at x={x:g}%, y={y:g}% lies outside the image (0-100%)")
-            drawn.append(
-                _DrawnPrompt("point", {"x": x, "y": y}, _polarity(region, value), _label_of(value, kind))
-            )
-        else:
-            box = {k: _number(value, k, region_id) for k in ("x", "y", "width", "height")}
-            box["rotation"] = (
-                _number(value, "rotation", region_id) if value.get("rotation") is not None else 0.0
-            )
-            if box["width"] <= 0 or box["height"] <= 0:
-                raise InputError(
-                    f"box {region_id!r} has zero area (width={box['width']:g}%, height={box['height']:g}%)"
-                )
-            drawn.append(_DrawnPrompt("box", box, True, _label_of(value, kind)))
+        drawn.append(_drawn(region, value, kind, region_id))
     n_points = sum(d.kind == "point" for d in drawn)
     n_boxes = len(drawn) - n_points
     if n_points > MAX_POINTS:
@@ -443,6 +427,22 @@ def _parse_context(
     if n_boxes > MAX_BOXES:
         raise InputError(f"{n_boxes} boxes on one image; at most {MAX_BOXES} are accepted")
     return drawn
+
+
+def _drawn(region: Mapping[str, Any], value: Mapping[str, Any], kind: str, region_id: Any) -> _DrawnPrompt:
+    """Return one drawn click or box, checked to lie inside the image or to have an area."""
+    if kind in POINT_TYPES:
+        x, y = _number(value, "x", region_id), _number(value, "y", region_id)
+        if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):
+            raise InputError(f"click {region_id!r} at x={x:g}%, y={y:g}% lies outside the image (0-100%)")
+        return _DrawnPrompt("point", {"x": x, "y": y}, _polarity(region, value), _label_of(value, kind))
+    box = {k: _number(value, k, region_id) for k in ("x", "y", "width", "height")}
+    box["rotation"] = _number(value, "rotation", region_id) if value.get("rotation") is not None else 0.0
+    if box["width"] <= 0 or box["height"] <= 0:
+        raise InputError(
+            f"box {region_id!r} has zero area (width={box['width']:g}%, height={box['height']:g}%)"
+        )
+    return _DrawnPrompt("box", box, True, _label_of(value, kind))
 
 
 def _prompts(drawn: Sequence[_DrawnPrompt], size: tuple[int, int]) -> list[_sam.Prompt]:

@@ -157,6 +157,23 @@ def file_stem(path: str) -> str:
     return Path(path).stem
 
 
+def _ultralytics() -> Any:
+    """Import Ultralytics without its process-wide side effects: PIL's opener stays ours, no pip at run time."""
+    from PIL import Image
+
+    pil_open = Image.open
+    import ultralytics
+    import ultralytics.utils.checks as checks
+    import ultralytics.utils.patches  # the module that patches PIL: imported now so it is undone below
+
+    # Ultralytics replaces PIL.Image.open on import (a retry that pip-installs pi-heif); the server's one
+    # decoder must give the same verdict whether or not a YOLO model was loaded, and nothing installs
+    # packages while serving.
+    Image.open = pil_open
+    checks.AUTOINSTALL = False
+    return ultralytics
+
+
 @dataclass
 class YoloInput:
     """One image for the predictor: BGR uint8 at (at most) the model's size, and the original size."""
@@ -295,6 +312,7 @@ class YoloBackend(Backend):
         """Fetch named Ultralytics release checkpoints (yolo11n.pt...) into MODEL_DIR; none by default."""
         if not models:
             return []
+        _ultralytics()
         from ultralytics.utils.downloads import attempt_download_asset
 
         written = []
@@ -321,7 +339,7 @@ class YoloBackend(Backend):
         reason = self.availability(self.spec, self.settings)
         if reason:
             raise RuntimeError(reason)
-        from ultralytics import YOLO
+        YOLO = _ultralytics().YOLO
 
         file = self._file(self.spec, self.settings)
         model = YOLO(str(file), task=sniff_task(file) or None)

@@ -100,7 +100,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run(
+def run(  # noqa: C901 (a load test's driver: one measurement sequence read top to bottom)
     clients: int = 64, duration_s: float = 60.0, queue_size: int = 32, threads: int = 32
 ) -> dict[str, Any]:
     """Run the load and return the figures."""

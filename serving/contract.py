@@ -426,6 +426,15 @@ class Backend(ABC):
         """
         return spec.name
 
+    @classmethod
+    def target_version(cls, target: Target, settings: Settings) -> str:
+        """Return what besides the model shapes this target's answers (e.g. its prompt); "" for nothing.
+
+        Like version_of, a pure function of the config and settings; a non-empty value joins the
+        plan's model_version, so changing a tag's prompt makes Label Studio predict again.
+        """
+        return ""
+
     @abstractmethod
     def load(self, device: str) -> None:
         """Load weights onto the device; called once per worker process, off the request path."""

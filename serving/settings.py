@@ -61,6 +61,18 @@ class Settings:
     # (grounding_dino, owlv2, ...) or a torchvision detector name makes that the default.
     detector: str = ""
     text_threshold: float = 0.25  # Grounding DINO: every token of a label's phrase must score this
+    # Generation (backends/generation.py): TextArea / Choices from a language or vision-language model.
+    llm_text_model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # a Hugging Face id or a save_pretrained() folder
+    llm_vision_model: str = "Qwen/Qwen3-VL-2B-Instruct"
+    llm_base_url: str = ""  # an OpenAI-compatible server (".../v1"); tags naming no model then use it
+    llm_api_key: str = ""
+    llm_model: str = ""  # the model name the server knows
+    llm_system_prompt: str = ""  # "" = the family's default (reply with the text only)
+    llm_max_new_tokens: int = 256  # per TextArea unless its model_max_tokens says otherwise
+    llm_task_timeout_s: float = 60.0  # one generate batch (in process) or one request (server)
+    llm_concurrency: int = 8  # requests in flight to the server, per process
+    llm_retries: int = 3  # on 429, 5xx, timeouts and connection errors
+    llm_image_max_pixels: int = 1024 * 1024  # images are shrunk to this many pixels before the model
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
@@ -152,7 +164,7 @@ class Settings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in {"label_studio_api_key", "basic_auth_pass"} and value:
+            if f.name in {"label_studio_api_key", "basic_auth_pass", "llm_api_key"} and value:
                 value = "***"
             out[f.name] = value
         return out

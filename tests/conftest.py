@@ -31,8 +31,27 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+# Markers every test of a folder carries, applied here instead of a `pytestmark` line in each file
+# (tests/e2e talks to a real Label Studio, which takes tens of seconds to start).
+_FOLDER_MARKS = {"e2e": ("e2e", "slow")}
+_TESTS = Path(__file__).resolve().parent
+
+
+def _mark_by_folder(items: list[pytest.Item]) -> None:
+    """Add the markers of each test's folder under tests/ (see _FOLDER_MARKS)."""
+    for item in items:
+        try:
+            folder = Path(item.path).resolve().relative_to(_TESTS).parts[0]
+        except ValueError:
+            continue
+        for name in _FOLDER_MARKS.get(folder, ()):
+            item.add_marker(getattr(pytest.mark, name))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the folder markers must already be there
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip GPU tests where CUDA is missing."""
+    """Mark tests by folder; skip GPU tests where CUDA is missing."""
+    _mark_by_folder(items)
     try:
         import torch
 

@@ -169,23 +169,7 @@ class DataResolver:
         if ref.startswith(("upload/", "/upload/")):  # raw upload keys found in some exports
             ref = "/data/" + ref.lstrip("/")
         if ref.startswith("/"):
-            root = self._settings.local_files_document_root
-            if root and self._is_local_files(ref):
-                local = self._read_local(ref, root)
-                if local is not None:
-                    return local
-            if not ref.startswith(LS_PATH_PREFIXES):
-                raise InputError(
-                    f"{safe_url(ref)} is a relative path but not a Label Studio upload (/data/upload/...) "
-                    "or local-files (/data/local-files/?d=...) URL"
-                )
-            base = self._client.base_url
-            if not base:
-                raise InputError(
-                    f"cannot download {safe_url(ref)}: Label Studio's URL is unknown; set LABEL_STUDIO_URL "
-                    "and LABEL_STUDIO_API_KEY"
-                )
-            return self._download(base + ref, cacheable=True)
+            return self._fetch_path(ref)
         if low.startswith(("http://", "https://")):
             root = self._settings.local_files_document_root
             if root and self._client.is_label_studio(ref) and self._is_local_files(ref):
@@ -200,6 +184,26 @@ class DataResolver:
                 "s3/gs/azure-blob (through Label Studio) or data: URIs"
             )
         raise InputError(f"{safe_url(ref, 80)!r} is not a URL, a Label Studio path or a data: URI")
+
+    def _fetch_path(self, ref: str) -> Fetched:
+        """Fetch a Label Studio path (/data/upload/..., /data/local-files/?d=...): from disk when allowed."""
+        root = self._settings.local_files_document_root
+        if root and self._is_local_files(ref):
+            local = self._read_local(ref, root)
+            if local is not None:
+                return local
+        if not ref.startswith(LS_PATH_PREFIXES):
+            raise InputError(
+                f"{safe_url(ref)} is a relative path but not a Label Studio upload (/data/upload/...) "
+                "or local-files (/data/local-files/?d=...) URL"
+            )
+        base = self._client.base_url
+        if not base:
+            raise InputError(
+                f"cannot download {safe_url(ref)}: Label Studio's URL is unknown; set LABEL_STUDIO_URL "
+                "and LABEL_STUDIO_API_KEY"
+            )
+        return self._download(base + ref, cacheable=True)
 
     def _presign_url(self, uri: str, task_id: int | None) -> str:
         scheme = uri.split(":", 1)[0]

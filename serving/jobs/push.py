@@ -93,10 +93,7 @@ class LabelStudioPusher:
         refreshed = False
         attempt = 0
         while True:
-            try:
-                headers = self.client.auth_headers()
-            except InputError as exc:
-                raise PushError(str(exc)) from None
+            headers = self._auth_headers()
             ambiguous = False
             retry_after: float | None = None
             try:
@@ -113,28 +110,13 @@ class LabelStudioPusher:
                 ambiguous = method != "GET"
                 problem = f"{type(exc).__name__}"
             else:
-                status = resp.status_code
-                if status < 300:
+                if resp.status_code < 300:
                     return resp
-                if status == 401 and not refreshed:
+                if resp.status_code == 401 and not refreshed:
                     refreshed = True
-                    try:
-                        self.client.auth_headers(force_refresh=True, rejected=headers.get("Authorization"))
-                    except InputError as exc:
-                        raise PushError(str(exc)) from None
+                    self._auth_headers(refresh=True, rejected=headers.get("Authorization"))
                     continue
-                if status in (404, 405) and path.endswith("/import/predictions"):
-                    raise _Unsupported(path)
-                text = resp.text[:300]
-                if status == 401:
-                    raise PushError(f"Label Studio refused the API key (401 on {path}): check --ls-key")
-                if status != 429 and status < 500:
-                    raise PushError(f"Label Studio answered {status} to {method} {path}: {text}")
-                ambiguous = status >= 500 and method != "GET"
-                problem = f"HTTP {status}: {text[:120]}"
-                header = resp.headers.get("Retry-After")
-                if header and header.isdigit():
-                    retry_after = float(header)
+                ambiguous, problem, retry_after = self._retryable(resp, method, path)
             if attempt >= self.retries:
                 raise PushError(
                     f"{method} {path} kept failing ({problem}) after {attempt + 1} tries; rerun with --resume "
@@ -147,6 +129,30 @@ class LabelStudioPusher:
             if ambiguous and verify is not None and verify():
                 log.info("%s %s had landed before the error; not sending it again", method, path)
                 return None
+
+    def _auth_headers(self, refresh: bool = False, rejected: str | None = None) -> dict[str, str]:
+        """Return the auth headers (exchanged again after a 401 on `rejected`); failures as a PushError."""
+        try:
+            if not refresh:
+                return self.client.auth_headers()
+            return self.client.auth_headers(force_refresh=True, rejected=rejected)
+        except InputError as exc:
+            raise PushError(str(exc)) from None
+
+    @staticmethod
+    def _retryable(resp: requests.Response, method: str, path: str) -> tuple[bool, str, float | None]:
+        """Raise for an answer no retry fixes; else return (ambiguous, the problem, Retry-After seconds)."""
+        status = resp.status_code
+        if status in (404, 405) and path.endswith("/import/predictions"):
+            raise _Unsupported(path)
+        text = resp.text[:300]
+        if status == 401:
+            raise PushError(f"Label Studio refused the API key (401 on {path}): check --ls-key")
+        if status != 429 and status < 500:
+            raise PushError(f"Label Studio answered {status} to {method} {path}: {text}")
+        header = resp.headers.get("Retry-After")
+        retry_after = float(header) if header and header.isdigit() else None
+        return status >= 500 and method != "GET", f"HTTP {status}: {text[:120]}", retry_after
 
     def _json(self, resp: requests.Response | None) -> Any:
         if resp is None:

@@ -23,6 +23,12 @@ def plan_version(plan: Plan, families: Mapping[str, type[Backend]], settings: Se
     parts = sorted(
         f"{_identity(spec)}={families[spec.family].version_of(spec, settings)}" for spec in plan.specs
     )
+    # what a target adds to its model's answers (a generation prompt); nothing for most families
+    parts += sorted(
+        f"{target.model.key}/{target.control.name}={extra}"
+        for target in plan.targets
+        if (extra := families[target.model.family].target_version(target, settings))
+    )
     digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
     names = "+".join(sorted({spec.family for spec in plan.specs}))
     if trained:

@@ -437,6 +437,11 @@ def choices_item(
     )
 
 
+def rating_item(target: Target, rating: int, score: float) -> dict[str, Any]:
+    """Build a whole-object rating item (1..maxRating)."""
+    return _base_item(target, target.control.name, "rating", {"rating": int(rating)}, new_id(), score, None)
+
+
 def textarea_item(target: Target, texts: Sequence[str], score: float) -> dict[str, Any]:
     """Build a whole-object textarea item (not per region)."""
     return _base_item(target, target.control.name, "textarea", {"text": list(texts)}, new_id(), score, None)

@@ -43,6 +43,7 @@ class ControlInfo:
     dynamic_key: str | None  # value="$options": labels come from task data
     per_region: bool
     single_choice: bool
+    max_rating: int = 0  # Rating's maxRating (Label Studio's default 5); 0 for other tags
 
     @property
     def expected_type(self) -> str:
@@ -139,7 +140,17 @@ def _schema_cached(label_config: str) -> ConfigSchema:
             per_region=attrs.get("perregion", "").lower() in {"true", "1", "yes"},
             single_choice=tag == "Choices"
             and attrs.get("choice", "single").lower() in {"single", "single-radio"},
+            max_rating=_max_rating(attrs) if tag == "Rating" else 0,
         )
     digest = hashlib.sha1(label_config.encode("utf-8", "replace")).hexdigest()[:16]
     listing = ", ".join(f"{c.name} ({c.tag})" for c in controls.values()) or "none"
     return ConfigSchema(controls=controls, objects=objects, config_hash=digest, control_list=listing)
+
+
+def _max_rating(attrs: Mapping[str, str]) -> int:
+    """Return a Rating tag's maxRating (lower-cased attributes), 5 when absent or not a positive number."""
+    try:
+        value = int(str(attrs.get("maxrating", "5")).strip())
+    except ValueError:
+        return 5
+    return value if value > 0 else 5

@@ -146,6 +146,16 @@ class EmbeddingCache:
         Keys another thread is computing are waited for (not computed twice); duplicate keys in
         `keys` are computed once. compute_many must return one value per key it is given, in order.
         """
+        mine, futures, found = self._claim(keys)
+        if mine:
+            self._compute(mine, futures, compute_many)
+        for key, future in futures.items():
+            if key not in found:
+                found[key] = future.result()
+        return [found[key] for key in keys]
+
+    def _claim(self, keys: Sequence[Key]) -> tuple[list[Key], dict[Key, Future[Any]], dict[Key, Any]]:
+        """Return (the keys this thread computes, a future per key not stored, the stored values)."""
         mine: list[Key] = []
         futures: dict[Key, Future[Any]] = {}
         found: dict[Key, Any] = {}
@@ -170,25 +180,26 @@ class EmbeddingCache:
                     self._pending[key] = future
                     futures[key] = future
                     mine.append(key)
-        if mine:
-            try:
-                values = compute_many(list(mine))
-                if len(values) != len(mine):
-                    raise RuntimeError(f"compute_many returned {len(values)} values for {len(mine)} keys")
-            except BaseException as exc:
-                with self._lock:
-                    for key in mine:
-                        self._pending.pop(key, None)
+        return mine, futures, found
+
+    def _compute(
+        self, mine: list[Key], futures: dict[Key, Future[Any]], compute_many: Callable[[list[Key]], list[Any]]
+    ) -> None:
+        """Compute the claimed keys in one call, store them and resolve their futures (or fail them all)."""
+        try:
+            values = compute_many(list(mine))
+            if len(values) != len(mine):
+                raise RuntimeError(f"compute_many returned {len(values)} values for {len(mine)} keys")
+        except BaseException as exc:
+            with self._lock:
                 for key in mine:
-                    futures[key].set_exception(exc)
-                raise
-            for key, value in zip(mine, values, strict=True):
-                self._store(key, value)
-                futures[key].set_result(value)
-        for key, future in futures.items():
-            if key not in found:
-                found[key] = future.result()
-        return [found[key] for key in keys]
+                    self._pending.pop(key, None)
+            for key in mine:
+                futures[key].set_exception(exc)
+            raise
+        for key, value in zip(mine, values, strict=True):
+            self._store(key, value)
+            futures[key].set_result(value)
 
     # ---- storage ----
     def put(self, key: Key, value: Any) -> None:

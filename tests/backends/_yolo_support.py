@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from backends import yolo
+
 CLASSES = ("car", "person", "dog")
 TASKS = {
     "detect": "yolo11n.yaml",
@@ -26,6 +28,7 @@ TASKS = {
 
 def save_yolo(path: Path, task: str = "detect", classes: tuple[str, ...] = CLASSES, imgsz: int = 64) -> Path:
     """Save a random-weight YOLO11n checkpoint of one task with these class names; return the file."""
+    yolo._ultralytics()  # imported the way the backend does, without its PIL patch
     from ultralytics.nn import tasks as nn_tasks
 
     builders = {
@@ -63,6 +66,7 @@ def planted_results(
     results: list[Any], plants: list[Plant], task: str, probs: list[float] | None = None
 ) -> list[Any]:
     """Return new Results on the same images with the plants (relative coordinates scaled to each image)."""
+    yolo._ultralytics()
     from ultralytics.engine.results import Results
 
     out = []

@@ -7,6 +7,7 @@ rectangles, rotated rectangles, polygons, brush masks, keypoints and choices com
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import pytest
 from flask import Flask
 from label_studio_sdk.label_interface import LabelInterface
 
-pytest.importorskip("ultralytics")
+# find_spec, not importorskip: importing Ultralytics at collection would patch PIL for the whole run
+if importlib.util.find_spec("ultralytics") is None:
+    pytest.skip("ultralytics is not installed (requirements-yolo.txt)", allow_module_level=True)
 
 from backends import yolo
 from serving.contract import Backend, ControlTag, ObjectTag
@@ -232,3 +235,13 @@ def test_planning_never_imports_ultralytics(checkpoints: dict[str, Path]) -> Non
         "assert 'ultralytics' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_loading_ultralytics_leaves_the_image_decoder_alone(checkpoints: dict[str, Path]) -> None:
+    from PIL import Image
+
+    opener = Image.open
+    ultralytics = yolo._ultralytics()
+    ultralytics.YOLO(str(checkpoints["detect"]))
+    assert Image.open is opener  # Ultralytics' pip-installing retry is undone
+    assert ultralytics.utils.checks.AUTOINSTALL is False

@@ -17,8 +17,6 @@ from tests.e2e.ls_harness import REPO, Chromium, LabelStudio, MLServer
 
 log = logging.getLogger(__name__)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
 # The page's visible text plus the values of its text fields (innerText leaves those out: the
 # OCR transcription lives in the region list's textarea).
 PAGE_STATE = """(() => ({

@@ -25,8 +25,6 @@ from tests.e2e.ls_harness import Chromium, LabelStudio, MLServer
 from tests.e2e.test_browser import open_task, save_screenshot
 from tests.support.httpserver import LocalServer, static
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hypertext"
 ARTICLE = (FIXTURES / "article.html").read_text(encoding="utf-8")
 

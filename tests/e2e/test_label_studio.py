@@ -25,8 +25,6 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.ls_harness import LabelStudio, MLServer, group_alive, port_open
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
 # What the server answers on /setup when it cannot fill a config (serving/plan/planner.py).
 CANNOT_FILL = "cannot fill any control tag"
 

@@ -18,8 +18,6 @@ from tests.e2e.conftest import NER_CONFIG, OCR_CONFIG, drawn_rectangle, text_ima
 from tests.e2e.ls_harness import LabelStudio, MLServer, wait_until
 from tests.support.httpserver import LocalServer, static
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
 TEXTS = [
     "Barack Obama was born in Hawaii.",
     "Angela Merkel met Emmanuel Macron in Paris.",

@@ -11,13 +11,10 @@ import time
 from typing import Any
 
 import numpy as np
-import pytest
 import requests
 
 from tests.e2e.conftest import SAM_IMAGE_SIZE, SamSetup
 from tests.e2e.ls_harness import LabelStudio, MLServer
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def cache_counter(server: MLServer, name: str) -> float:

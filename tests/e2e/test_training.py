@@ -27,7 +27,6 @@ from tests.e2e.conftest import connect
 from tests.e2e.ls_harness import LabelStudio, MLServer, wait_until
 from tests.support import ner_corpus as nc
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 log = logging.getLogger(__name__)
 
 UNSEEN_DRUGS = ("Nexoprin", "Palvitrol", "Gravelox", "Tenuvant", "Orbicel", "Wexamine")

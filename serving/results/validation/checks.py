@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from serving.results.schema import IMAGE_OBJECTS, ConfigSchema, ControlInfo
+from serving.results.schema import IMAGE_OBJECTS, ConfigSchema, ControlInfo, ObjectInfo
 from serving.results.validation.geometry import GeometryChecks
 from serving.results.validation.problems import (
     GEOMETRY_TYPES,
@@ -65,20 +65,41 @@ class _Checker(GeometryChecks, SpanChecks):
                 out.append(
                     self.problem(item, "bad_value", "a textarea item needs value.text as a list of strings")
                 )
+        if type_ == "rating" or control.tag == "Rating":
+            rating = value.get("rating")
+            top = control.max_rating or 5
+            if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= top:
+                out.append(
+                    self.problem(
+                        item,
+                        "bad_value",
+                        f"a rating item needs value.rating as a whole number from 1 to {top}",
+                    )
+                )
         needs_region = control.per_region or (
             control.tag == "Labels" and obj is not None and obj.tag in IMAGE_OBJECTS
         )
         if needs_region:
             out.extend(self.linked(item, control, region_items))
-        if obj is not None and obj.tag in IMAGE_OBJECTS:
-            out.extend(self.image_geometry(item, control, value))
-        elif obj is not None and obj.tag in SPAN_TEXT_OBJECTS and control.tag.endswith("Labels"):
-            out.extend(self.span(item, obj, value))
-        elif obj is not None and obj.tag == "HyperText" and control.tag.endswith("Labels"):
-            out.extend(self.hypertext_span(item, obj, value))
-        elif obj is not None and obj.tag == "Paragraphs" and control.tag.endswith("Labels"):
-            out.extend(self.paragraph_span(item, obj, value))
+        if obj is not None:
+            out.extend(self.where(item, control, obj, value))
         return out
+
+    def where(
+        self, item: Mapping[str, Any], control: ControlInfo, obj: ObjectInfo, value: Mapping[str, Any]
+    ) -> list[Problem]:
+        """Check where the item lies in its object: geometry on an image, a span on a text."""
+        if obj.tag in IMAGE_OBJECTS:
+            return self.image_geometry(item, control, value)
+        if not control.tag.endswith("Labels"):
+            return []
+        if obj.tag in SPAN_TEXT_OBJECTS:
+            return self.span(item, obj, value)
+        if obj.tag == "HyperText":
+            return self.hypertext_span(item, obj, value)
+        if obj.tag == "Paragraphs":
+            return self.paragraph_span(item, obj, value)
+        return []
 
     def identity(self, item: Mapping[str, Any], control: ControlInfo) -> list[Problem]:
         """Check what names the item's tags and kind: to_name, type, and a numeric score."""

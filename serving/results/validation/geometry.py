@@ -53,17 +53,24 @@ class GeometryChecks(CheckerBase):
         for key in ("x", "y"):
             if not -EPS_PCT <= coords[key] <= HI_PCT:
                 out.append(self._range(item, f"value.{key}", coords[key]))
+        if type_.startswith("keypoint") or "radiusX" in value:
+            out.extend(self._point_extent(item, value, type_))
+        else:
+            out.extend(self._rectangle(item, value, coords, (float(ow), float(oh)) if size_ok else None))
+        return out
+
+    def _point_extent(self, item: Mapping[str, Any], value: Mapping[str, Any], type_: str) -> list[Problem]:
+        """Check the size around a keypoint (its width) or an ellipse's centre (its radii)."""
         if type_.startswith("keypoint"):
             w = value.get("width")
             if w is not None and (not is_number(w) or float(w) < 0):
-                out.append(self._range(item, "value.width", w))
-        elif "radiusX" in value:  # an ellipse
-            for key in ("radiusX", "radiusY"):
-                v = value.get(key)
-                if not is_number(v) or not 0.0 <= float(v) <= HI_PCT:
-                    out.append(self._range(item, f"value.{key}", v))
-        else:
-            out.extend(self._rectangle(item, value, coords, (float(ow), float(oh)) if size_ok else None))
+                return [self._range(item, "value.width", w)]
+            return []
+        out = []
+        for key in ("radiusX", "radiusY"):  # an ellipse
+            v = value.get(key)
+            if not is_number(v) or not 0.0 <= float(v) <= HI_PCT:
+                out.append(self._range(item, f"value.{key}", v))
         return out
 
     def _numbers(

@@ -211,16 +211,7 @@ class SpanChecks(CheckerBase):
                         f"paragraph {i} does not exist: the task has {len(texts)} paragraphs (indices from 0)",
                     ),
                 ]
-        for i, offset in ((i0, soff), (i1, eoff)):
-            size = utf16_len(texts[i])
-            if not 0 <= offset <= size:
-                out.append(
-                    self.problem(
-                        item,
-                        "offset_outside_node",
-                        f"offset {offset} is outside paragraph {i} ({size} UTF-16 code units: {texts[i][:40]!r})",
-                    )
-                )
+        out.extend(self._paragraph_offsets(item, texts, ((i0, soff), (i1, eoff))))
         if out and any(p.severity == "error" for p in out):
             return out
         text = value.get("text")
@@ -233,6 +224,23 @@ class SpanChecks(CheckerBase):
                         "span_mismatch",
                         f"value.text {text[:60]!r} is not the text of the range, {shown[:60]!r}; offsets count "
                         "UTF-16 code units inside the paragraph's text",
+                    )
+                )
+        return out
+
+    def _paragraph_offsets(
+        self, item: Mapping[str, Any], texts: list[str], ends: tuple[tuple[int, int], ...]
+    ) -> list[Problem]:
+        """Check that each end's UTF-16 offset lies inside its paragraph."""
+        out = []
+        for i, offset in ends:
+            size = utf16_len(texts[i])
+            if not 0 <= offset <= size:
+                out.append(
+                    self.problem(
+                        item,
+                        "offset_outside_node",
+                        f"offset {offset} is outside paragraph {i} ({size} UTF-16 code units: {texts[i][:40]!r})",
                     )
                 )
         return out

@@ -12,10 +12,10 @@ from serving.settings import Settings
 from serving.training.job import TrainingFailed, fetch_export, run_job
 from serving.training.store import TrainingStore
 from serving.training.versions import VersionStore
+from tests.support.fake_ls import LEGACY_TOKEN, FakeLS
 from tests.support.fakes import FakeResolver
 from tests.support.training_fakes import CONFIG, export_tasks, families
-from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS
-from tests.unit.test_training_jobs import SPEC
+from tests.training.test_training_jobs import SPEC
 
 EXPORT = export_tasks(12)
 

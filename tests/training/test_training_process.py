@@ -23,7 +23,7 @@ from serving.training.store import TrainingStore
 from serving.training.versions import VersionStore
 from serving.util.locks import FileLock
 from tests.support.training_fakes import REF, export_tasks
-from tests.unit.test_training_jobs import inline_job
+from tests.training.test_training_jobs import inline_job
 
 pytestmark = pytest.mark.slow
 

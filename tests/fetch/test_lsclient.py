@@ -13,7 +13,7 @@ import pytest
 from serving.errors import InputError
 from serving.fetch.lsclient import LabelStudioClient, mask_secret, origin, token_kind
 from serving.settings import Settings
-from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS, make_jwt
+from tests.support.fake_ls import LEGACY_TOKEN, FakeLS, make_jwt
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from PIL import Image
 from serving.http.app import create_app
 from serving.inference.runtime import Runtime
 from serving.settings import Settings
+from tests.support.fake_ls import LEGACY_TOKEN, FakeLS
 from tests.support.fakes import FAMILIES, reset_fakes
-from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS
 
 CONFIG = """<View><Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image"><Label value="Car"/><Label value="Person"/></RectangleLabels></View>"""

@@ -28,7 +28,7 @@ from serving.fetch.lsclient import LabelStudioClient
 from serving.fetch.policy import _host_matches, safe_url
 from serving.fetch.resolver import DataResolver, is_reference
 from serving.settings import Settings
-from tests.unit.test_data_fakels import LEGACY_TOKEN, FakeLS, Handler
+from tests.support.fake_ls import LEGACY_TOKEN, FakeLS, Handler
 
 TIMEOUT_S = 0.5
 
