@@ -353,9 +353,13 @@ class Batcher:
         if seconds <= 0:
             return
         sample = n / seconds
+        if not backlog and (self._rate <= 0 or sample <= self._rate):
+            # a batch with nothing queued behind it measured latency, not throughput (the model could
+            # have taken more): it may only raise a known rate, never set the first one
+            return
         if self._rate <= 0:
             self._rate = sample
-        elif backlog or sample > self._rate:
+        else:
             # under load the model runs full batches: that is the rate a waiting request gets
             self._rate = 0.8 * self._rate + 0.2 * sample
 
