@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from flask import request
 
 from serving.errors import BadRequest
+from serving.http.jsonio import loads
 
 
 def json_body(empty: str = "the request body is empty; send a JSON object") -> dict[str, Any]:
@@ -16,7 +16,7 @@ def json_body(empty: str = "the request body is empty; send a JSON object") -> d
     if not raw:
         raise BadRequest(empty)
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

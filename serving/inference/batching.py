@@ -105,6 +105,7 @@ class Batcher:
         self._queues: tuple[deque[tuple[Any, Future[Any]]], ...] = (deque(), deque())
         self._lines: tuple[deque[Ticket], ...] = (deque(), deque())
         self._held = 0  # room in use: items admitted and not yet taken into a batch
+        self._held_urgent = 0  # of which URGENT (those alone are ahead of an URGENT item)
         self._running = 0  # items in the forward now
         self._waiting = 0  # items of tickets still without room
         # measured throughput (items/s of the model thread while items were queued), 0 = unknown
@@ -149,9 +150,11 @@ class Batcher:
     def _estimate_locked(self, n: int, lane: int) -> float:
         if self._rate <= 0:
             return 0.0
-        ahead = self._held + self._running + sum(t.remaining for t in self._lines[URGENT])
+        ahead = self._running + sum(t.remaining for t in self._lines[URGENT])
         if lane == BULK:
-            ahead += sum(t.remaining for t in self._lines[BULK])
+            ahead += self._held + sum(t.remaining for t in self._lines[BULK])
+        else:
+            ahead += self._held_urgent
         return (ahead + n) / self._rate
 
     def enter(self, lane: int, n: int, deadline: float) -> Ticket:
@@ -199,7 +202,7 @@ class Batcher:
                 ticket = line[0]
                 n = min(free, ticket.remaining)
                 ticket.granted += n
-                self._held += n
+                self._hold(lane, n)
                 self._waiting -= n
                 granted = True
                 if ticket.remaining == 0:
@@ -232,14 +235,19 @@ class Batcher:
             if unmet:
                 self._lines[ticket.lane].remove(ticket)
                 self._waiting -= unmet
-            self._held -= ticket.granted
+            self._hold(ticket.lane, -ticket.granted)
             ticket.want, ticket.granted = ticket.taken, 0
             self._grant_locked()
 
-    def release(self, n: int = 1) -> None:
+    def _hold(self, lane: int, n: int) -> None:
+        self._held += n
+        if lane == URGENT:
+            self._held_urgent += n
+
+    def release(self, n: int = 1, lane: int = BULK) -> None:
         """Give back room taken for items that will not be queued (preparation failed, deadline)."""
         with self._lock:
-            self._held -= n
+            self._hold(lane, -n)
             self._grant_locked()
 
     def put(self, item: Any, lane: int = BULK) -> Future[Any]:
@@ -263,7 +271,7 @@ class Batcher:
                         f"model {self.name} has {self.capacity} items queued; retry shortly "
                         "or raise QUEUE_SIZE / add workers"
                     )
-                self._held += 1
+                self._hold(lane, 1)
             return self.put(item, lane)
         ticket = self.enter(lane, 1, deadline)
         try:
@@ -285,11 +293,13 @@ class Batcher:
     def _pop_locked(self, n: int) -> list[tuple[Any, Future[Any]]]:
         """Take up to n queued items, URGENT first; their room goes to the next in line."""
         out: list[tuple[Any, Future[Any]]] = []
-        for queue in self._queues:
+        for lane, queue in enumerate(self._queues):
+            taken = 0
             while queue and len(out) < n:
                 out.append(queue.popleft())
+                taken += 1
+            self._hold(lane, -taken)
         if out:
-            self._held -= len(out)
             self._running += len(out)
             self._grant_locked()
         return out
@@ -343,9 +353,13 @@ class Batcher:
         if seconds <= 0:
             return
         sample = n / seconds
+        if not backlog and (self._rate <= 0 or sample <= self._rate):
+            # a batch with nothing queued behind it measured latency, not throughput (the model could
+            # have taken more): it may only raise a known rate, never set the first one
+            return
         if self._rate <= 0:
             self._rate = sample
-        elif backlog or sample > self._rate:
+        else:
             # under load the model runs full batches: that is the rate a waiting request gets
             self._rate = 0.8 * self._rate + 0.2 * sample
 

@@ -468,7 +468,7 @@ class Runtime:
                 bfut.add_done_callback(lambda f: forwarded(f, item))
             finally:
                 if plain and not queued:
-                    batcher.release(1)
+                    batcher.release(1, call.lane)
                 # only once the item is queued: the batcher waits for company while some are coming
                 slot.add_pending(-1)
 
@@ -477,7 +477,7 @@ class Runtime:
         except RuntimeError:
             slot.add_pending(-1)
             if plain:
-                batcher.release(1)
+                batcher.release(1, call.lane)
             fail("the server is shutting down")
         return final
 

@@ -2,8 +2,8 @@
 
 Bound stated for the urgent lane: a one-task or interactive request during a big one waits for at
 most the forward in progress and its own (plus max_wait_ms and its own preparation), never for the
-big request's queued items; asserted here as under 0.5 s with 20 ms forwards, where the queue ahead
-of it holds over a second of work.
+big request's queued items; asserted here as under 0.8 s (two 40 ms forwards, with room for a loaded
+2-core machine), where the queue ahead of it holds over 1.2 s of work.
 """
 
 from __future__ import annotations
@@ -105,14 +105,14 @@ def test_eight_requests_of_512_texts_with_a_queue_of_1024_all_succeed_in_order(t
 
 
 def test_small_and_interactive_requests_during_a_big_one_answer_within_the_bound(tmp_path: Path) -> None:
-    FakeNER.forward_delay_s = 0.02  # 16 texts per 20 ms: the big request is ~2 s of work
+    FakeNER.forward_delay_s = 0.04  # 16 texts per 40 ms: the big request is ~4 s of work
     client, _ = _app(tmp_path, queue_size=1024)
     big: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: big.update(r=_post(client, _tasks(0, 1600))))
     runner.start()
     until = time.monotonic() + 10
     while _metric(client, "lsml_queue_depth") < 500 and time.monotonic() < until:
-        time.sleep(0.01)  # the big request's texts fill the queue (over a second of work ahead)
+        time.sleep(0.01)  # the big request's texts fill the queue (over 1.2 s of work ahead)
     assert _metric(client, "lsml_queue_depth") >= 500
     latencies = []
     for k in range(5):
@@ -125,7 +125,7 @@ def test_small_and_interactive_requests_during_a_big_one_answer_within_the_bound
         assert response.status_code == 200
         assert _names(response) == [f"Name{10_000 + k}"]
     runner.join(30)
-    assert max(latencies) < 0.5, latencies
+    assert max(latencies) < 0.8, latencies
     assert big["r"].status_code == 200
     assert _names(big["r"]) == [f"Name{j}" for j in range(1600)]
 

@@ -131,3 +131,43 @@ def test_leaving_gives_untaken_room_to_the_next_in_line() -> None:
     batcher.release(2)
     assert batcher.held == 0
     gate.open.set()
+
+
+def test_an_urgent_request_is_not_refused_for_the_bulk_work_queued_ahead_of_it() -> None:
+    def model(batch: list[int]) -> list[int]:
+        time.sleep(0.01)
+        return batch
+
+    batcher = Batcher("m", model, max_batch_size=10, max_wait_ms=0, queue_size=1000)
+    far = time.monotonic() + 30
+    warm = batcher.enter(BULK, 100, far)
+    assert warm.take(far) == 100
+    assert [f.result(timeout=10) for f in [batcher.put(i) for i in range(100)]] == list(range(100))
+    warm.leave()
+    bulk = batcher.enter(BULK, 990, far)
+    assert bulk.take(far) == 990
+    queued = [batcher.put(i) for i in range(990)]  # ~1 s of work ahead
+    soon = time.monotonic() + 0.3
+    with pytest.raises(Overloaded):
+        batcher.enter(BULK, 1, soon)
+    assert batcher.submit(7, URGENT, soon).result(timeout=5) == 7  # taken before the bulk items
+    assert not queued[-1].done()
+    bulk.leave()
+    assert queued[-1].result(timeout=10) == 989
+
+
+def test_a_lone_slow_item_does_not_set_the_throughput_that_refuses_big_requests() -> None:
+    def model(batch: list[int]) -> list[int]:
+        time.sleep(0.05 if len(batch) == 1 else 0.005)  # a first call is slow (warm-up, loaded CPU)
+        return batch
+
+    batcher = Batcher("m", model, max_batch_size=10, max_wait_ms=0, queue_size=1000)
+    far = time.monotonic() + 30
+    assert batcher.submit(1, BULK, far).result(timeout=5) == 1
+    assert batcher.rate == 0  # 20 items/s from one item alone is latency, not throughput
+    ticket = batcher.enter(BULK, 900, time.monotonic() + 5)  # would be "45 s of work" at 20/s
+    assert ticket.take(far) == 900
+    futures = [batcher.put(i) for i in range(900)]
+    assert [f.result(timeout=10) for f in futures] == list(range(900))
+    ticket.leave()
+    assert batcher.rate > 200  # measured on batches with items queued behind them
