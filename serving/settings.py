@@ -61,6 +61,11 @@ class Settings:
     # (grounding_dino, owlv2, ...) or a torchvision detector name makes that the default.
     detector: str = ""
     text_threshold: float = 0.25  # Grounding DINO: every token of a label's phrase must score this
+    # Label routing (own-labels, serving/plan/routing.py): labels no closed-vocabulary model knows go
+    # to a zero-shot model prompted by them; false = every tag keeps the family that claims its tag.
+    auto_route: bool = True
+    # Zero-shot image classification (own-labels): a SigLIP / SigLIP 2 id or save_pretrained() folder.
+    zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
