@@ -9,7 +9,7 @@ PORT ?= 9090
 WARMUP ?= ner,ocr
 APT_PACKAGES := tesseract-ocr tesseract-ocr-eng libtesseract-dev libleptonica-dev pkg-config nginx
 
-.PHONY: run test test-fast lint typecheck dockerlint setup setup-ray apt weights bench bench-cpu e2e-setup clean
+.PHONY: run test test-fast lint typecheck dockerlint setup setup-ray setup-yolo apt weights bench bench-cpu e2e-setup clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ setup-ray: $(VENV)/.ray-installed
 
 $(VENV)/.ray-installed: $(VENV)/.installed requirements-ray.txt
 	$(PIP) install -q -r requirements-ray.txt
+	touch $@
+
+# The optional, AGPL-3.0 Ultralytics for the yolo family; --no-deps (it declares opencv-python, which
+# would replace our headless build), its other needs from requirements-yolo-deps.txt. CI runs its tests.
+setup-yolo: $(VENV)/.yolo-installed
+
+$(VENV)/.yolo-installed: $(VENV)/.installed requirements-yolo.txt requirements-yolo-deps.txt
+	$(PIP) install -q -r requirements-yolo-deps.txt
+	$(PIP) install -q --no-deps -r requirements-yolo.txt
 	touch $@
 
 # System packages: Tesseract for the CPU OCR engine (and to build tesserocr); nginx for the replica
@@ -59,7 +68,7 @@ dockerlint: setup apt
 e2e-setup:
 	bash scripts/setup_e2e.sh
 
-test: setup setup-ray lint typecheck dockerlint e2e-setup
+test: setup setup-ray setup-yolo lint typecheck dockerlint e2e-setup
 	$(VENV)/bin/pytest
 
 test-fast: setup

@@ -76,6 +76,11 @@ class Overloaded(ServingError):
     code = "overloaded"
     retry_after_s = 1
 
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after_s is not None:
+            self.retry_after_s = max(1, int(retry_after_s))
+
 
 class InputError(Exception):
     """One task's input cannot be used (bad URL, corrupt image...): that task gets an empty result."""

@@ -112,6 +112,10 @@ class Settings:
     replica_urls: tuple[str, ...] = ()  # the nginx in front of the replicas, or each replica's URL
     split_min_tasks: int = 16
     split_ways: int = 0  # chunks a big request is cut into; 0 = one per REPLICA_URLS entry
+    # Admission (serving-path, issue #32): a request finding a model's queue full waits for room
+    # within its deadline; these requests and interactive calls go ahead of bigger ones.
+    small_request_tasks: int = 8
+    max_waiting_items: int = 0  # items waiting for room per model; beyond: 503. 0 = 64 x QUEUE_SIZE
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property

@@ -15,6 +15,10 @@ for _name in ("HOME", "TORCH_HOME", "HF_HOME", "XDG_CACHE_HOME", "EASYOCR_MODULE
     os.environ[_name] = str(_BASE / _name.lower())
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Ultralytics (the yolo family): no hub or GitHub asset look-ups, its settings file under the test home.
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_CONFIG_DIR"] = str(_BASE / "yolo_config")
+(_BASE / "yolo_config").mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture

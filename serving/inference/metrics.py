@@ -88,6 +88,31 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Admission (issue #32): requests waiting for room in a model's queue.
+        self.admission_waiting = Gauge(
+            "lsml_admission_waiting_items",
+            "Items of requests waiting for room in a model's queue",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.admission_wait = Histogram(
+            "lsml_admission_wait_seconds",
+            "Time a request waited for room for all its items, per lane (urgent: interactive and small)",
+            ["backend", "lane"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.admission_rejected = Counter(
+            "lsml_admission_rejected_total",
+            "Requests refused (503) because their items could not get through the queue in time",
+            ["backend"],
+            registry=self.registry,
+        )
+
+    def observe_wait(self, backend: str, lane: str, seconds: float) -> None:
+        """Record how long a request waited for room."""
+        self.admission_wait.labels(backend, lane).observe(seconds)
+
     def observe_batch(self, backend: str, size: int, seconds: float) -> None:
         """Record one forward call."""
         self.batch_size.labels(backend).observe(size)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from serving.errors import InputError, ModelUnavailable, Overloaded
 from serving.fetch.local import build_resolver
 from serving.fetch.lsclient import LabelStudioClient
 from serving.fetch.resolver import Resolver
+from serving.inference.batching import BULK, URGENT, Ticket
 from serving.inference.device import pick_device
 from serving.inference.metrics import Metrics
 from serving.inference.prepare import prepare
@@ -48,6 +49,9 @@ class _Call:
     results: list[list[dict[str, Any]]] = field(init=False)
     reasons: dict[int, str] = field(default_factory=dict)
     prompt_needed: set[int] = field(default_factory=set)  # answered without a result: a click is the input
+    lane: int = BULK  # the batchers' lane: URGENT for interactive calls and small requests
+    expired: bool = False  # the deadline passed: items not yet queued are dropped
+    queued: list[Future[Any]] = field(default_factory=list)  # batcher futures, cancelled at the deadline
 
     def __post_init__(self) -> None:
         self.results = [[] for _ in self.tasks]
@@ -65,10 +69,12 @@ class _Call:
                 self.prompt_needed.add(i)
 
 
-# (task index, model slot, its targets, the preparation's future) and the later stages' tuples
-_Preparing = tuple[int, ModelSlot, list[Target], Future[tuple[Item, Any]]]
-_Forwarded = tuple[int, ModelSlot, list[Target], Item, Future[Any]]
-_Posting = tuple[int, Future[list[dict[str, Any]]]]
+class _Failed(Exception):
+    """A task's item got no regions: the reason its entry carries."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Runtime:
@@ -90,6 +96,11 @@ class Runtime:
         self._lock = threading.Lock()
         self._device: str | None = None
         self._pool = ThreadPoolExecutor(max(1, self.settings.preprocess_threads), thread_name_prefix="prep")
+        # Interactive calls and small requests are prepared and post-processed here, so they never
+        # wait behind the decodes of a big request queued in the main pool.
+        self._urgent_pool = ThreadPoolExecutor(
+            max(2, self.settings.preprocess_threads), thread_name_prefix="prep-urgent"
+        )
         # Warms the embedding of a task Label Studio just opened (interactive-only families): two
         # threads, so a model still loading holds at most these, never the request pool.
         self._prefetch_pool = ThreadPoolExecutor(2, thread_name_prefix="prefetch")
@@ -203,6 +214,7 @@ class Runtime:
         for slot in slots:
             if slot.batcher is not None:
                 self.metrics.queue_depth.labels(slot.spec.key).set(slot.batcher.depth)
+                self.metrics.admission_waiting.labels(slot.spec.key).set(slot.batcher.waiting)
         return {slot.spec.key: slot.state for slot in slots}
 
     def check(self, plan: Plan) -> None:
@@ -262,17 +274,18 @@ class Runtime:
         result, so "Retrieve predictions" asks for that task again instead of keeping an empty
         prediction of the current version for good. Interactive calls are never stored, so their
         failures answer an empty result (with the error) that the labeling page can show as nothing.
+        Raises Overloaded (503 + Retry-After) when a model's queue cannot take the tasks in time.
         """
         plan = plan or self.plan(label_config)
         timeout = self.settings.predict_timeout_s if timeout_s is None else timeout_s
         interactive = bool(context and isinstance(context, Mapping) and context.get("result"))
         call = _Call(tasks, context if interactive else None, time.monotonic() + timeout, timeout)
+        # interactive calls and small requests (an annotator opening a task) go ahead of big ones
+        small = interactive or len(tasks) <= self.settings.small_request_tasks
+        call.lane = URGENT if small else BULK
         groups = self._ready_groups(plan, call)
-        window = 256  # tasks in preparation at once: bounds the decoded images held in memory
-        for start in range(0, len(tasks), window):
-            self._drain(
-                self._submit_prepare(call, groups, range(start, min(len(tasks), start + window))), call
-            )
+        if groups:
+            self._run(call, groups)
         schema = _schema(label_config)
         version = self.model_version(plan)
         return [self._answer(call, i, schema, version, failures) for i in range(len(tasks))]
@@ -303,19 +316,186 @@ class Runtime:
                 groups.append((slot, obj, targets))
         return groups
 
-    def _submit_prepare(
-        self, call: _Call, groups: list[tuple[ModelSlot, ObjectTag, list[Target]]], indices: range
-    ) -> list[_Preparing]:
-        """Start preparing (fetch, decode) each task of `indices` for each group, in the pool."""
-        pending = []
-        for i in indices:
-            for slot, obj, targets in groups:
-                slot.add_pending(1)
-                fut = self._pool.submit(
-                    self._prepare, call.tasks[i], obj, slot.backend, call.context, targets
-                )
-                pending.append((i, slot, targets, fut))
-        return pending
+    def _run(self, call: _Call, groups: list[tuple[ModelSlot, ObjectTag, list[Target]]]) -> None:
+        """Run every task through every group: room in each model's queue first, then fetch and decode.
+
+        Items are prepared only once their model has room for them, so the decoded images held are
+        bounded by QUEUE_SIZE per model, whatever the number and size of requests waiting in line.
+        """
+        pool = self._urgent_pool if call.lane == URGENT else self._pool
+        tickets: list[Ticket | None] = []
+        try:
+            for slot, _, _ in groups:
+                if call.context is not None:  # interactive: each item waits for room itself
+                    tickets.append(None)
+                    continue
+                assert slot.batcher is not None
+                try:
+                    tickets.append(slot.batcher.enter(call.lane, len(call.tasks), call.deadline))
+                except Overloaded:
+                    self.metrics.admission_rejected.labels(slot.spec.key).inc()
+                    raise
+            finals = self._admit(call, groups, tickets, pool)
+        finally:
+            for ticket in tickets:
+                if ticket is not None:
+                    ticket.leave()
+        self._collect(call, finals)
+
+    def _admit(
+        self,
+        call: _Call,
+        groups: list[tuple[ModelSlot, ObjectTag, list[Target]]],
+        tickets: list[Ticket | None],
+        pool: ThreadPoolExecutor,
+    ) -> list[tuple[int, Future[list[dict[str, Any]]]]]:
+        """Start each task of each group as its model gives room, in task order, until the deadline."""
+        finals: list[tuple[int, Future[list[dict[str, Any]]]]] = []
+        starts = [0] * len(groups)
+        n = len(call.tasks)
+        while any(s < n for s in starts):
+            for g, (slot, obj, targets) in enumerate(groups):
+                if starts[g] >= n:
+                    continue
+                ticket = tickets[g]
+                room = n - starts[g] if ticket is None else ticket.take(call.deadline)
+                if not room:  # the deadline passed in line: the tasks left are late
+                    for i in range(starts[g], n):
+                        call.reasons.setdefault(i, call.late)
+                    starts[g] = n
+                    continue
+                for i in range(starts[g], starts[g] + room):
+                    finals.append((i, self._start(call, slot, obj, targets, i, pool)))
+                starts[g] += room
+        return finals
+
+    def _start(
+        self,
+        call: _Call,
+        slot: ModelSlot,
+        obj: ObjectTag,
+        targets: list[Target],
+        i: int,
+        pool: ThreadPoolExecutor,
+    ) -> Future[list[dict[str, Any]]]:
+        """Prepare task i in the pool, queue it on its model, post-process its output in the pool.
+
+        The returned future holds the task's regions, or a _Failed with the reason it has none.
+        The item's room (taken by the caller for a plain call) is given back if it is never queued.
+        """
+        final: Future[list[dict[str, Any]]] = Future()
+        batcher = slot.batcher
+        assert batcher is not None
+        plain = call.context is None
+
+        def fail(reason: str) -> None:
+            if not final.done():
+                final.set_exception(_Failed(reason))
+
+        def post(output: Any, item: Item) -> None:
+            try:
+                final.set_result(self._postprocess(slot, output, targets, item))
+            except InputError as exc:  # a bad prompt found on the model thread
+                fail(str(exc))
+            except Exception as exc:
+                log.exception("postprocess failed for task #%d", i)
+                fail(f"postprocess failed: {type(exc).__name__}: {exc}")
+
+        def forwarded(bfut: Future[Any], item: Item) -> None:
+            if bfut.cancelled():
+                fail(call.late)
+                return
+            exc = bfut.exception()
+            if exc is not None:
+                self.metrics.errors.labels(slot.spec.key, type(exc).__name__).inc()
+                fail(f"model {slot.spec.key} failed: {type(exc).__name__}: {exc}")
+                return
+            try:
+                pool.submit(post, bfut.result(), item)
+            except RuntimeError:  # the pool shut down (server stopping)
+                fail("the server is shutting down")
+
+        def prepare_and_queue() -> None:
+            queued = False
+            try:
+                if call.expired:
+                    fail(call.late)
+                    return
+                try:
+                    item, x = self._prepare(call.tasks[i], obj, slot.backend, call.context, targets)
+                except InputError as exc:
+                    fail(str(exc))
+                    return
+                except Exception as exc:
+                    log.exception("preprocess failed for task #%d", i)
+                    fail(f"preprocess failed: {type(exc).__name__}: {exc}")
+                    return
+                if not plain:
+                    self._interactive_task(call, i, slot, item, targets, x, final)
+                    return
+                if call.expired:
+                    fail(call.late)
+                    return
+                bfut = batcher.put(x, call.lane)
+                queued = True
+                call.queued.append(bfut)
+                bfut.add_done_callback(lambda f: forwarded(f, item))
+            finally:
+                if plain and not queued:
+                    batcher.release(1)
+                # only once the item is queued: the batcher waits for company while some are coming
+                slot.add_pending(-1)
+
+        slot.add_pending(1)
+        try:
+            pool.submit(prepare_and_queue)
+        except RuntimeError:
+            slot.add_pending(-1)
+            if plain:
+                batcher.release(1)
+            fail("the server is shutting down")
+        return final
+
+    def _interactive_task(
+        self,
+        call: _Call,
+        i: int,
+        slot: ModelSlot,
+        item: Item,
+        targets: list[Target],
+        x: Any,
+        final: Future[list[dict[str, Any]]],
+    ) -> None:
+        """Answer one interactive item (its prompt) in the calling pool thread, into `final`."""
+        assert call.context is not None
+        try:
+            final.set_result(self._interactive(slot, item, targets, call.context, x, call.deadline))
+        except InputError as exc:  # a bad prompt found by interactive() or on the model thread
+            final.set_exception(_Failed(str(exc)))
+        except Overloaded as exc:
+            final.set_exception(_Failed(exc.message))
+        except TimeoutError:
+            final.set_exception(_Failed(call.late))
+        except Exception as exc:
+            log.exception("postprocess failed for task #%d", i)
+            final.set_exception(_Failed(f"postprocess failed: {type(exc).__name__}: {exc}"))
+
+    def _collect(self, call: _Call, finals: list[tuple[int, Future[list[dict[str, Any]]]]]) -> None:
+        """Collect each task's regions until the deadline; past it, what is done is still answered."""
+        for i, final in finals:
+            wait = 0.0 if call.expired else max(0.1, call.deadline - time.monotonic())
+            try:
+                call.results[i].extend(final.result(timeout=wait))
+            except TimeoutError:
+                if not call.expired:
+                    # Past the deadline: what is queued is skipped by the batcher (cancelled), not
+                    # run for a request that stopped waiting; what is not yet prepared is dropped.
+                    call.expired = True
+                    for bfut in list(call.queued):
+                        bfut.cancel()
+                call.reasons.setdefault(i, call.late)
+            except _Failed as exc:
+                call.reasons.setdefault(i, exc.reason)
 
     def _answer(
         self, call: _Call, i: int, schema: Any, version: str, failures: list[TaskFailure] | None
@@ -365,94 +545,6 @@ class Runtime:
         ]
         return chosen or groups
 
-    def _drain(self, pending: list[_Preparing], call: _Call) -> None:
-        """Feed prepared items to the batchers as they become ready, then post-process in the pool."""
-        unprepared = {id(fut): slot for _, slot, _, fut in pending}
-        try:
-            forwarded, post = self._forward_prepared(pending, unprepared, call)
-            post += self._await_forwarded(forwarded, call)
-            self._await_post(post, call)
-        except TimeoutError:  # preparation (download, decode) itself ran past the deadline
-            for i, *_ in pending:
-                if not call.results[i]:
-                    call.reasons.setdefault(i, call.late)
-        finally:
-            for slot in unprepared.values():  # never queued (deadline, 503): stop counting them
-                slot.add_pending(-1)
-
-    def _forward_prepared(
-        self, pending: list[_Preparing], unprepared: dict[int, ModelSlot], call: _Call
-    ) -> tuple[list[_Forwarded], list[_Posting]]:
-        """Queue each item on its model's batcher as its preparation ends (interactive ones go to the pool).
-
-        Raises TimeoutError when preparation runs past the deadline; `unprepared` keeps the rest.
-        """
-        index = {id(fut): (i, slot, targets) for i, slot, targets, fut in pending}
-        forwarded: list[_Forwarded] = []
-        post: list[_Posting] = []
-        timeout = max(0.1, call.deadline - time.monotonic())
-        for fut in as_completed([p[3] for p in pending], timeout=timeout):
-            i, slot, targets = index[id(fut)]
-            del unprepared[id(fut)]
-            try:
-                item, x = fut.result()
-            except InputError as exc:
-                slot.add_pending(-1)
-                call.reasons.setdefault(i, str(exc))
-                continue
-            except Exception as exc:
-                slot.add_pending(-1)
-                log.exception("preprocess failed for task #%d", i)
-                call.reasons.setdefault(i, f"preprocess failed: {type(exc).__name__}: {exc}")
-                continue
-            if call.context is not None:
-                slot.add_pending(-1)
-                post.append((i, self._pool.submit(self._interactive, slot, item, targets, call.context, x)))
-                continue
-            assert slot.batcher is not None
-            try:
-                forwarded.append((i, slot, targets, item, slot.batcher.submit(x)))
-            finally:
-                # only once the item is queued: the batcher waits for company while some are coming
-                slot.add_pending(-1)
-        return forwarded, post
-
-    def _await_forwarded(self, forwarded: list[_Forwarded], call: _Call) -> list[_Posting]:
-        """Wait for each model output until the deadline; post-process the ones that came, in the pool."""
-        post: list[_Posting] = []
-        for i, slot, targets, item, bfut in forwarded:
-            try:
-                output = bfut.result(timeout=max(0.1, call.deadline - time.monotonic()))
-            except Overloaded:
-                raise
-            except (TimeoutError, CancelledError):
-                # Past the deadline: what is done is still answered; what is queued is skipped by
-                # the batcher (cancelled), not run for a request that stopped waiting.
-                for *_, later in forwarded:
-                    later.cancel()
-                call.reasons.setdefault(i, call.late)
-                continue
-            except Exception as exc:
-                self.metrics.errors.labels(slot.spec.key, type(exc).__name__).inc()
-                call.reasons.setdefault(i, f"model {slot.spec.key} failed: {type(exc).__name__}: {exc}")
-                continue
-            post.append((i, self._pool.submit(self._postprocess, slot, output, targets, item)))
-        return post
-
-    @staticmethod
-    def _await_post(post: list[_Posting], call: _Call) -> None:
-        """Collect each task's regions from post-processing, until the deadline."""
-        for i, pfut in post:
-            try:
-                call.results[i].extend(pfut.result(timeout=max(0.1, call.deadline - time.monotonic())))
-            except TimeoutError:
-                call.reasons.setdefault(i, call.late)
-            except InputError as exc:  # a bad prompt found by interactive() or on the model thread
-                call.reasons.setdefault(i, str(exc))
-            except Exception as exc:
-                log.exception("postprocess failed for task #%d", i)
-                call.reasons.setdefault(i, f"postprocess failed: {type(exc).__name__}: {exc}")
-
     def _start_prefetch(self, slot: ModelSlot, task: Any, obj: ObjectTag) -> None:
         """Warm a model for a task being opened, unless two warm-ups are already waiting.
 
@@ -495,13 +587,23 @@ class Runtime:
             )
 
     def _interactive(
-        self, slot: ModelSlot, item: Item, targets: list[Target], context: Mapping[str, Any], x: Any
+        self,
+        slot: ModelSlot,
+        item: Item,
+        targets: list[Target],
+        context: Mapping[str, Any],
+        x: Any,
+        deadline: float | None = None,
     ) -> list[dict[str, Any]]:
         items = slot.backend.interactive(item, targets, context)
         if items is not None:
             return items
         assert slot.batcher is not None
-        output = slot.batcher.submit(x).result(timeout=self.settings.predict_timeout_s)
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.predict_timeout_s
+        output = slot.batcher.submit(x, URGENT, deadline).result(
+            timeout=max(0.1, deadline - time.monotonic())
+        )
         return self._postprocess(slot, output, targets, item)
 
     @staticmethod
@@ -521,6 +623,7 @@ class Runtime:
         for batcher in batchers:
             batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._urgent_pool.shutdown(wait=False, cancel_futures=True)
         self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         for batcher in batchers:

@@ -67,6 +67,8 @@ class ModelSlot:
                 queue_size=settings.queue_size,
                 on_batch=metrics.observe_batch,
                 expecting=self.expecting,
+                on_wait=metrics.observe_wait,
+                max_waiting=settings.max_waiting_items,
             )
             self.state = "ready"
             self.load_seconds = time.perf_counter() - started

@@ -151,6 +151,42 @@ def rotated_rect_px_to_pct(corners_px: Sequence[Sequence[float]], size: tuple[in
     }
 
 
+def rotated_box_corners_px(
+    cx: float, cy: float, width: float, height: float, angle_rad: float
+) -> list[tuple[float, float]]:
+    """Return the pixel corners (tl, tr, br, bl) of a box given by its centre, size and clockwise angle.
+
+    "Top-left" is the corner Label Studio rotates about: the width runs from it along the angle
+    (y points down, so a positive angle turns clockwise on screen), the height at a right angle to it.
+    """
+    cos, sin = math.cos(angle_rad), math.sin(angle_rad)
+    ux, uy = width * cos, width * sin
+    vx, vy = -height * sin, height * cos
+    x0, y0 = cx - (ux + vx) / 2.0, cy - (uy + vy) / 2.0
+    return [(x0, y0), (x0 + ux, y0 + uy), (x0 + ux + vx, y0 + uy + vy), (x0 + vx, y0 + vy)]
+
+
+def fit_rotated_box(
+    cx: float, cy: float, width: float, height: float, angle_rad: float, size: tuple[int, int]
+) -> tuple[float, float] | None:
+    """Return (width, height) shrunk about the centre so every corner is inside the image; None if it cannot be.
+
+    Label Studio (and the validator) want every corner of a rotated rectangle inside the image; a box
+    that crosses the border keeps its centre and angle and loses only what lies outside, proportionally.
+    """
+    width_px, height_px = float(size[0]), float(size[1])
+    if not (0.0 < cx < width_px and 0.0 < cy < height_px) or width <= 0.0 or height <= 0.0:
+        return None
+    scale = 1.0
+    for px, py in rotated_box_corners_px(cx, cy, width, height, angle_rad):
+        for offset, centre, limit in ((px - cx, cx, width_px), (py - cy, cy, height_px)):
+            if offset > 0 and centre + offset > limit:
+                scale = min(scale, (limit - centre) / offset)
+            elif offset < 0 and centre + offset < 0.0:
+                scale = min(scale, centre / -offset)
+    return width * scale, height * scale
+
+
 def _base_item(
     target: Target,
     from_name: str,
@@ -234,6 +270,29 @@ def rectangle_items(
     geometry: dict[str, Any] = box_xyxy_px_to_pct(box_xyxy_px, size)
     geometry["rotation"] = 0
     return geometry_items(target, geometry, size, score, label, text, region_id)
+
+
+def rotated_box_items(
+    target: Target,
+    box_xywhr_px: Sequence[float],
+    size: tuple[int, int],
+    score: float,
+    label: str | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Build the items of a rotated pixel box (centre x, centre y, width, height, clockwise radians).
+
+    Label Studio keeps x/y at the top-left corner and rotates clockwise about it (rect_corners_px is
+    the inverse); a box crossing the border is shrunk about its centre to fit (fit_rotated_box), and
+    one whose centre is outside the image gives nothing.
+    """
+    cx, cy, width, height, angle = (float(v) for v in box_xywhr_px[:5])
+    fitted = fit_rotated_box(cx, cy, width, height, angle, size)
+    if fitted is None:
+        return []
+    corners = rotated_box_corners_px(cx, cy, fitted[0], fitted[1], angle)
+    geometry: dict[str, Any] = rotated_rect_px_to_pct(corners, size)
+    return geometry_items(target, geometry, size, score, label, None, region_id)
 
 
 def polygon_items(

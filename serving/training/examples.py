@@ -186,30 +186,7 @@ def _example(
     ]
     task_id = task.get("id")
     if control.tag == "Labels" and obj.tag == "Text":
-        if not isinstance(value, str):
-            return None
-        text = value
-        if str(obj.attrs.get("valueType", "")).lower() == "url" and load_text is not None:
-            try:
-                text = load_text(value, task_id)
-            except InputError as exc:
-                stats.drop(f"task {task_id}: text not readable: {exc}")
-                return None
-        spans: list[tuple[int, int, str]] = []
-        for item in items:
-            if item.get("from_name") != control.name:
-                continue
-            labels = _labels_in(item["value"], "labels", allowed)
-            if isinstance(labels, str):
-                stats.drop(f"task {task_id}: {labels}")
-                continue
-            where = _span(item["value"], text)
-            if isinstance(where, str):
-                stats.drop(f"task {task_id}: {where}")
-                continue
-            spans.append((where[0], where[1], labels[0]))
-        stats.regions += len(spans)
-        return Example(task_id, control.name, obj.name, text=text, spans=tuple(sorted(spans)))
+        return _text_example(task_id, value, items, target, allowed, stats, load_text)
     if not isinstance(value, str):
         return None
     if control.tag == "Choices":
@@ -229,6 +206,43 @@ def _example(
         return None
     stats.regions += len(boxes)
     return Example(task_id, control.name, obj.name, image=value, boxes=tuple(boxes))
+
+
+def _text_example(
+    task_id: Any,
+    value: Any,
+    items: Sequence[Mapping[str, Any]],
+    target: Target,
+    allowed: frozenset[str],
+    stats: ExportStats,
+    load_text: Callable[[str, Any], str] | None,
+) -> Example | None:
+    """Return the labelled spans of a Labels control on a Text (its text read from a URL when valueType="url")."""
+    control, obj = target.control, target.obj
+    if not isinstance(value, str):
+        return None
+    text = value
+    if str(obj.attrs.get("valueType", "")).lower() == "url" and load_text is not None:
+        try:
+            text = load_text(value, task_id)
+        except InputError as exc:
+            stats.drop(f"task {task_id}: text not readable: {exc}")
+            return None
+    spans: list[tuple[int, int, str]] = []
+    for item in items:
+        if item.get("from_name") != control.name:
+            continue
+        labels = _labels_in(item["value"], "labels", allowed)
+        if isinstance(labels, str):
+            stats.drop(f"task {task_id}: {labels}")
+            continue
+        where = _span(item["value"], text)
+        if isinstance(where, str):
+            stats.drop(f"task {task_id}: {where}")
+            continue
+        spans.append((where[0], where[1], labels[0]))
+    stats.regions += len(spans)
+    return Example(task_id, control.name, obj.name, text=text, spans=tuple(sorted(spans)))
 
 
 def _boxes(

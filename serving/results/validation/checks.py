@@ -47,34 +47,8 @@ class _Checker(GeometryChecks, SpanChecks):
                     f"(controls: {self.schema.control_list}); set from_name to one of them",
                 )
             ]
-        out: list[Problem] = []
-        to_name = item.get("to_name")
-        if to_name not in control.to_names:
-            targets = " or ".join(repr(n) for n in control.to_names) or "nothing"
-            out.append(
-                self.problem(
-                    item,
-                    "wrong_to_name",
-                    f'to_name {to_name!r} is not the object <{control.tag} name="{control.name}"> points to '
-                    f"(toName={targets}); set to_name to {targets}",
-                )
-            )
-        type_ = item.get("type")
-        if type_ not in control.types:
-            out.append(
-                self.problem(
-                    item,
-                    "wrong_type",
-                    f'type {type_!r} does not match <{control.tag} name="{control.name}">; '
-                    f"set type to {control.expected_type!r}",
-                )
-            )
-        if "score" in item and not is_number(item["score"]):
-            out.append(
-                self.problem(
-                    item, "bad_score", f"score {item['score']!r} is not a number; use a float in [0, 1]"
-                )
-            )
+        out = self.identity(item, control)
+        to_name, type_ = item.get("to_name"), item.get("type")
         value = item.get("value")
         if not isinstance(value, dict):
             out.append(self.problem(item, "missing_value", "the item has no 'value' object; add value={...}"))
@@ -104,6 +78,38 @@ class _Checker(GeometryChecks, SpanChecks):
             out.extend(self.hypertext_span(item, obj, value))
         elif obj is not None and obj.tag == "Paragraphs" and control.tag.endswith("Labels"):
             out.extend(self.paragraph_span(item, obj, value))
+        return out
+
+    def identity(self, item: Mapping[str, Any], control: ControlInfo) -> list[Problem]:
+        """Check what names the item's tags and kind: to_name, type, and a numeric score."""
+        out: list[Problem] = []
+        to_name = item.get("to_name")
+        if to_name not in control.to_names:
+            targets = " or ".join(repr(n) for n in control.to_names) or "nothing"
+            out.append(
+                self.problem(
+                    item,
+                    "wrong_to_name",
+                    f'to_name {to_name!r} is not the object <{control.tag} name="{control.name}"> points to '
+                    f"(toName={targets}); set to_name to {targets}",
+                )
+            )
+        type_ = item.get("type")
+        if type_ not in control.types:
+            out.append(
+                self.problem(
+                    item,
+                    "wrong_type",
+                    f'type {type_!r} does not match <{control.tag} name="{control.name}">; '
+                    f"set type to {control.expected_type!r}",
+                )
+            )
+        if "score" in item and not is_number(item["score"]):
+            out.append(
+                self.problem(
+                    item, "bad_score", f"score {item['score']!r} is not a number; use a float in [0, 1]"
+                )
+            )
         return out
 
     def relation(self, item: Mapping[str, Any], ids: set[str]) -> list[Problem]:
