@@ -22,6 +22,7 @@ and classification, list every output class in order (a semantic class named `__
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from serving.contract import LabelMap, ModelSpec, Target, weights_fingerprint
+from serving.contract import ControlTag, LabelMap, ModelSpec, Target, weights_fingerprint
 from serving.results.regions import LABELED_GEOMETRY
 from serving.settings import torch_checkpoints_dir
 
@@ -255,6 +256,43 @@ def availability(spec: ModelSpec, settings: Settings, known: Collection[str], fa
     if not path.is_file():
         return f"weights missing ({path}); {download_hint(spec.name)}"
     return None
+
+
+@functools.cache
+def _static_vocabularies() -> dict[str, Any]:
+    return dict(json.loads((Path(__file__).with_name("_vocabularies.json")).read_text(encoding="utf-8")))
+
+
+def vocabulary(spec: ModelSpec, settings: Settings) -> list[str] | None:
+    """Return a model's class names without importing torch: the pretrained weights' categories
+    (backends/_vocabularies.json, a copy of torchvision's weight metadata a test keeps equal), or a
+    user checkpoint's class list; None when unknown (a broken checkpoint: availability says why)."""
+    if spec.path:
+        checkpoint = resolve_model_path(spec.path, settings)
+        list_file = class_list_file(checkpoint) if checkpoint.is_file() else None
+        try:
+            return read_class_names(list_file) if list_file else None
+        except (OSError, ValueError):
+            return None
+    data = _static_vocabularies()
+    key = data["models"].get(spec.name)
+    return list(data["vocabularies"][key]) if key else None
+
+
+def known_labels(
+    spec: ModelSpec,
+    control: ControlTag,
+    settings: Settings,
+    aliases: Sequence[Collection[str]],
+    extra: Sequence[str] = (),
+) -> set[str] | None:
+    """Return the labels of `control` some class of the model maps to (through LabelMap), None when unknown."""
+    names = vocabulary(spec, settings)
+    if names is None:
+        return None
+    label_map = LabelMap(control.labels, control.predicted_values, aliases)
+    found = {label_map(name) for name in (*names, *extra) if name and name.casefold() not in BACKGROUND_NAMES}
+    return {label for label in found if label is not None}
 
 
 def version_of(spec: ModelSpec, settings: Settings) -> str:

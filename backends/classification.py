@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from backends import _torchvision as tv
-from serving.contract import Backend, Item, LabelMap, ModelSpec, Target, TrainingRun, TrainResult
+from serving.contract import Backend, ControlTag, Item, LabelMap, ModelSpec, Target, TrainingRun, TrainResult
 from serving.results import regions
 
 if TYPE_CHECKING:
@@ -101,6 +101,12 @@ class ClassificationBackend(tv.TorchvisionWeights, Backend):
     def model_names(cls) -> tuple[str, ...]:
         """Return the classifiers served."""
         return cls.supported_models
+
+    @classmethod
+    def known_labels(cls, spec: ModelSpec, control: ControlTag, settings: Settings) -> set[str] | None:
+        """Return the choices some ImageNet class (or a user checkpoint's class, or Dog/Cat/Bird) feeds."""
+        coarse = () if spec.path else tuple(IMAGENET_COARSE)
+        return tv.known_labels(spec, control, settings, cls.aliases, coarse)
 
     def labels(self) -> Sequence[str]:
         """Return the class names."""

@@ -77,6 +77,11 @@ class TorchvisionDetectorBase(tv.TorchvisionWeights, Backend):
         """Claim this family's controls; plain geometry links a sibling Labels tag on the same image."""
         return link_sibling_labels(super().claim(obj, controls, settings), controls, cls.plain_tags)
 
+    @classmethod
+    def known_labels(cls, spec: ModelSpec, control: ControlTag, settings: Settings) -> set[str] | None:
+        """Return the config labels some class of the detector maps to (COCO / VOC / a checkpoint's list)."""
+        return tv.known_labels(spec, control, settings, cls.aliases)
+
     def labels(self) -> Sequence[str]:
         """Return the model's class names (no background / N/A placeholders)."""
         return [c for c in self.categories if c and c != "N/A" and c.casefold() not in tv.BACKGROUND_NAMES]

@@ -82,6 +82,8 @@ class GroundedSamBackend(Backend):
     priority = 35
     default_model = "grounded_sam"
     default_threshold = ov.DEFAULT_THRESHOLDS["dino"]
+    # The automatic route for labels no closed-vocabulary model knows (serving/plan/routing.py).
+    zero_shot = True
 
     # ---- planning ----
     @classmethod

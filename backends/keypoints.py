@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends import _torchvision as tv
 from backends.detection import TorchvisionDetectorBase
-from serving.contract import Item, Target
+from serving.contract import ControlTag, Item, ModelSpec, Target
 from serving.results import regions
+
+if TYPE_CHECKING:
+    from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,11 @@ class KeypointsBackend(TorchvisionDetectorBase):
     default_model = "keypointrcnn_resnet50_fpn"
     supported_models = ("keypointrcnn_resnet50_fpn",)
     aliases = (*tv.VISION_ALIASES, *_keypoint_aliases(COCO_KEYPOINT_NAMES))
+
+    @classmethod
+    def known_labels(cls, spec: ModelSpec, control: ControlTag, settings: Settings) -> set[str] | None:
+        """Return None: keypoint labels name body parts, not classes, so no label is routed elsewhere."""
+        return None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Store the spec; the model loads in load()."""

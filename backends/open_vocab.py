@@ -100,6 +100,8 @@ class OpenVocabBackend(Backend):
     fp16 = True
     default_model = "grounding_dino"
     default_threshold = ov.DEFAULT_THRESHOLDS["dino"]
+    # The automatic route for labels no closed-vocabulary model knows (serving/plan/routing.py).
+    zero_shot = True
     # IoU above which two boxes of one label are one object (per-label NMS, across prompt chunks too).
     nms_iou: ClassVar[float] = 0.5
     # Image x prompt-chunk rows in one model call: bounds GPU memory for long label lists.

@@ -33,6 +33,7 @@ from serving.contract import (
     Claim,
     ControlTag,
     Item,
+    LabelMap,
     ModelSpec,
     ObjectTag,
     Target,
@@ -246,6 +247,20 @@ class RtDetrBackend(Backend):
             if chosen is not None:
                 claims.append(Claim(control=control, model_name=chosen, model_path=path))
         return link_sibling_labels(claims, controls, cls.plain_tags)
+
+    @classmethod
+    def known_labels(cls, spec: ModelSpec, control: ControlTag, settings: Settings) -> set[str] | None:
+        """Return the config labels the checkpoint's id2label maps to (label routing; None when unreadable)."""
+        folder = cls._folder_of(spec, settings)
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if folder else None
+        except (OSError, ValueError):
+            config = None
+        names = config.get("id2label") if isinstance(config, dict) else None
+        if not isinstance(names, dict):
+            return None
+        label_map = LabelMap(control.labels, control.predicted_values, cls.aliases)
+        return {mapped for name in names.values() if (mapped := label_map(str(name))) is not None}
 
     # ---- weights ----
     @classmethod

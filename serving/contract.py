@@ -358,6 +358,12 @@ class Backend(ABC):
     # /predict then answers each task without "result" and with this text as its "error", at once,
     # without running the model (see Runtime.predict).
     interactive_only: ClassVar[str] = ""
+    # Label routing (serving/plan/routing.py). A zero-shot family predicts whatever labels it is
+    # prompted with: it never takes a tag that names no model by itself, the planner routes it the
+    # labels no closed-vocabulary model knows. `whole_tag`: it must answer all of a tag's labels
+    # (one choice among all of a Choices tag's options), so a mixed tag goes to it whole.
+    zero_shot: ClassVar[bool] = False
+    whole_tag: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         """Store the spec; never load weights here (load() runs in the worker)."""
@@ -406,6 +412,8 @@ class Backend(ABC):
             name = control.attr("model_name")
             if name and not cls.accepts_model(name):
                 continue
+            if cls.zero_shot and not name and not control.attr("model_path"):
+                continue  # reached through routing (route_claim), which says why
             claims.append(
                 Claim(
                     control=control,
@@ -414,6 +422,30 @@ class Backend(ABC):
                 )
             )
         return claims
+
+    @classmethod
+    def known_labels(cls, spec: ModelSpec, control: ControlTag, settings: Settings) -> Collection[str] | None:
+        """Return which of `control.labels` this closed-vocabulary model predicts (None: not told, keep all).
+
+        Cheap (no model loaded): the planner routes the other labels of a tag that names no model
+        to a zero-shot family. Map through LabelMap (predicted_values, names, aliases) as postprocess does.
+        """
+        return None
+
+    @classmethod
+    def route_claim(
+        cls, obj: ObjectTag, claim: Claim, controls: Sequence[ControlTag], settings: Settings
+    ) -> Claim | None:
+        """Zero-shot families: claim a tag that names no model, to be prompted by its labels (else None).
+
+        `claim` is the closed family's claim of the tag (its control and linked tags), or a bare
+        Claim(control, "") for a tag no family took; `controls` are the object's other controls.
+        """
+        if not cls.zero_shot or obj.tag not in cls.object_tags or claim.control.tag not in cls.control_tags:
+            return None
+        return Claim(
+            control=claim.control, model_name=cls.default_model_for(settings), linked=dict(claim.linked)
+        )
 
     @classmethod
     def supported(cls) -> tuple[str, ...]:

@@ -76,6 +76,11 @@ class Settings:
     # Audio transcription (backends/audio_transcription.py): the checkpoint "whisper" names. Turbo is
     # large-v3 with 4 decoder layers: multilingual, near large-v3's accuracy, several times faster to decode.
     whisper_model: str = "openai/whisper-large-v3-turbo"
+    # Label routing (own-labels, serving/plan/routing.py): labels no closed-vocabulary model knows go
+    # to a zero-shot model prompted by them; false = every tag keeps the family that claims its tag.
+    auto_route: bool = True
+    # Zero-shot image classification (own-labels): a SigLIP / SigLIP 2 id or save_pretrained() folder.
+    zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000

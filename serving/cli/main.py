@@ -1,4 +1,4 @@
-"""The command line: `python -m serving predict ...` (batch predictions for imports), `validate`, `train`, `weights`."""
+"""The command line: `python -m serving predict ...` (batch predictions for imports), `validate`, `train`, `weights`, `plan`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from serving.cli import predict, train, validate, weights
+from serving.cli import plan, predict, train, validate, weights
 from serving.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, RegistryFn, UsageError, log
 from serving.errors import (
     NotFound,
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (predict, validate, train, weights):
+    for command in (predict, validate, train, weights, plan):
         command.add_parser(sub)
     return parser
 

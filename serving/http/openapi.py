@@ -128,7 +128,19 @@ def spec() -> dict[str, Any]:
                         }
                     ),
                     "responses": _responses(
-                        _json_ok({"type": "object", "properties": {"model_version": {"type": "string"}}}),
+                        _json_ok(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "model_version": {"type": "string"},
+                                    "routes": {
+                                        "type": "array",
+                                        "description": "per control tag: which model serves which labels, and why",
+                                        "items": {"type": "object"},
+                                    },
+                                },
+                            }
+                        ),
                         400,
                         401,
                         413,

@@ -46,7 +46,10 @@ def predict_blueprint(model: ModelService) -> Blueprint:
             access_token=body.get("access_token") if isinstance(body.get("access_token"), str) else None,
             extra_params=extra if isinstance(extra, dict) else None,
         )
-        return jsonify({"model_version": version})
+        # Which model serves which labels of each tag, and why (serving/plan/routing.py); Label
+        # Studio reads only model_version, the rest is for people and scripts.
+        routes = [r.as_dict() for r in model.runtime.plan(schema).routes]
+        return jsonify({"model_version": version, "routes": routes})
 
     @bp.post("/predict")
     def predict() -> Response:

@@ -9,8 +9,9 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from serving.contract import Backend, ControlTag, LabelMap, ModelSpec, ObjectTag, Target
+from serving.contract import Backend, Claim, ControlTag, LabelMap, ModelSpec, ObjectTag, Target
 from serving.errors import ConfigError
+from serving.plan.routing import Route, label_source, route_object
 from serving.results.schema import sdk_tags
 from serving.settings import Settings
 
@@ -30,6 +31,7 @@ class Plan:
     unfilled: tuple[str, ...] = ()  # controls no backend fills ("name (Tag)")
     skipped: tuple[str, ...] = ()  # controls with model_skip="true"
     families: Mapping[str, type[Backend]] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()  # per control tag: which model serves which labels, and why
 
     @property
     def specs(self) -> tuple[ModelSpec, ...]:
@@ -145,7 +147,10 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
     targets: list[Target] = []
     linked_names: set[str] = set()
 
+    routes: list[Route] = []
     for obj in objects.values():
+        claimed: list[tuple[str, type[Backend], Claim]] = []
+        all_on_obj = [c for c in remaining if c.to_name == obj.name]
         for family, cls in families.items():
             on_obj = [c for c in remaining if c.to_name == obj.name]
             if not on_obj:
@@ -157,23 +162,46 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
                 consumed = {claim.control.name} | {c.name for c in claim.linked.values()} - shared
                 linked_names |= shared
                 remaining = [c for c in remaining if c.name not in consumed]
-                labels_source = claim.control
-                if not claim.control.labels and "labels" in claim.linked:
-                    labels_source = claim.linked["labels"]
-                label_map = LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases)
-                spec = ModelSpec(family=family, name=claim.model_name, path=claim.model_path)
-                targets.append(
-                    Target(
-                        control=claim.control,
-                        obj=obj,
-                        model=spec,
-                        label_map=label_map,
-                        threshold=_threshold(claim.control, cls.default_threshold),
-                        linked=dict(claim.linked),
-                        readonly=_is_true(claim.control.attr("model_readonly")),
-                        hidden=_is_true(claim.control.attr("model_hidden")),
+                claimed.append((family, cls, claim))
+        unclaimed = [c for c in remaining if c.to_name == obj.name and c.name not in linked_names]
+        if settings.auto_route:
+            routed, unserved = route_object(obj, claimed, unclaimed, all_on_obj, settings, families)
+            taken = {r.claim.control.name for r in routed}
+            remaining = [c for c in remaining if c.name not in taken]
+            routes.extend(r.route for r in routed)
+            routes.extend(unserved)
+            plan_claims = [(r.family, r.cls, r.claim) for r in routed]
+        else:
+            plan_claims = claimed
+            for family, _cls, claim in claimed:
+                source = label_source(claim)
+                routes.append(
+                    Route(
+                        claim.control.name,
+                        claim.control.tag,
+                        obj.name,
+                        family,
+                        claim.model_name,
+                        source.labels,
+                        "claimed by tag (AUTO_ROUTE=false)",
                     )
                 )
+        for family, cls, claim in plan_claims:
+            labels_source = label_source(claim)
+            label_map = LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases)
+            spec = ModelSpec(family=family, name=claim.model_name, path=claim.model_path)
+            targets.append(
+                Target(
+                    control=claim.control,
+                    obj=obj,
+                    model=spec,
+                    label_map=label_map,
+                    threshold=_threshold(claim.control, cls.default_threshold),
+                    linked=dict(claim.linked),
+                    readonly=_is_true(claim.control.attr("model_readonly")),
+                    hidden=_is_true(claim.control.attr("model_hidden")),
+                )
+            )
     unfilled = tuple(f"{c.name} ({c.tag})" for c in remaining if c.name not in linked_names)
     plan = Plan(
         config_hash=config_hash(label_config),
@@ -182,6 +210,7 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         unfilled=unfilled,
         skipped=skipped,
         families=families,
+        routes=tuple(routes),
     )
     if not plan.targets:
         supported = sorted({phrase for cls in families.values() for phrase in cls.supported()})
@@ -192,6 +221,8 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         )
     if unfilled:
         log.info("config %s: no backend fills %s", plan.config_hash, ", ".join(unfilled))
+    for route in plan.routes:
+        log.info("config %s: %s", plan.config_hash, route.line())
     return plan
 
 

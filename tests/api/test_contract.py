@@ -57,6 +57,10 @@ def test_setup_answers_model_version_without_waiting_for_a_slow_load(client) -> 
     assert response.status_code == 200
     assert response.json["model_version"].startswith("fake_ner-")
     assert client.get("/health").json["backends"]["fake_ner:fake-ner-1"] == "loading"
+    # /setup also says which model serves which labels of each tag (serving/plan/routing.py)
+    routes = response.json["routes"]
+    assert routes and {r["family"] for r in routes} == {"fake_ner"}
+    assert all(set(r) == {"control", "tag", "object", "family", "model", "labels", "reason"} for r in routes)
 
 
 def test_model_version_changes_when_weights_change(tmp_path: Path) -> None:
@@ -68,7 +72,7 @@ def test_model_version_changes_when_weights_change(tmp_path: Path) -> None:
 
 def test_model_version_override_per_deployment(tmp_path: Path) -> None:
     client = fake_app(tmp_path, model_version="prod-7").test_client()
-    assert replay(client, "setup_with_extra_params").json == {"model_version": "prod-7"}
+    assert replay(client, "setup_with_extra_params").json["model_version"] == "prod-7"
     assert client.get("/versions").json == {"versions": ["prod-7"]}
 
 

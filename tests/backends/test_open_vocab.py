@@ -93,7 +93,10 @@ def items_for(target: Target, sizes: list[tuple[int, int]], seed: int = 0) -> li
 def test_model_name_setting_and_path_pick_the_family(checkpoints: dict[str, Path]) -> None:
     rect = '<RectangleLabels name="r" toName="image"{attrs}><Label value="Forklift"/></RectangleLabels>'
     cases = [
-        ("", {}, "detection", "fasterrcnn_resnet50_fpn_v2"),
+        # Forklift is no COCO class: routed to the zero-shot detector (serving/plan/routing.py) ...
+        ("", {}, "open_vocab", "grounding_dino"),
+        # ... unless routing is off, when the tag stays with the closed detector
+        ("", {"auto_route": False}, "detection", "fasterrcnn_resnet50_fpn_v2"),
         (' model_name="grounding_dino"', {}, "open_vocab", "grounding_dino"),
         (' model_name="OWLv2"', {}, "open_vocab", "owlv2"),
         (' model_name="mm_grounding_dino"', {}, "open_vocab", "mm_grounding_dino"),
@@ -105,7 +108,13 @@ def test_model_name_setting_and_path_pick_the_family(checkpoints: dict[str, Path
         ),
         (' model_name="open_vocab:someone/my-detector"', {}, "open_vocab", "someone/my-detector"),
         ("", {"detector": "owlv2"}, "open_vocab", "owlv2"),
-        ("", {"detector": "retinanet_resnet50_fpn_v2"}, "detection", "retinanet_resnet50_fpn_v2"),
+        ("", {"detector": "retinanet_resnet50_fpn_v2"}, "open_vocab", "grounding_dino"),
+        (
+            "",
+            {"detector": "retinanet_resnet50_fpn_v2", "auto_route": False},
+            "detection",
+            "retinanet_resnet50_fpn_v2",
+        ),
         (
             ' model_name="retinanet_resnet50_fpn_v2"',
             {"detector": "owlv2"},
