@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from xml.sax.saxutils import quoteattr
 
 from backends._tracking import ByteTracker, Detection, Track
+from backends._video import frame_rate_of
 from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 from serving.results import regions
 
@@ -38,15 +39,6 @@ class VideoInput:
 
     frames: list[Item]
     inputs: list[Any]
-
-
-def frame_rate_of(obj: ObjectTag, task: Mapping[str, Any]) -> float:
-    """Return the Video tag's frameRate (a number, or "$key" read from the task's data)."""
-    raw = next((str(v) for k, v in obj.attrs.items() if str(k).lower() == "framerate"), "")
-    if raw.startswith("$"):
-        data = task.get("data")
-        raw = str(data.get(raw[1:], "")) if isinstance(data, Mapping) else ""
-    return regions.video_frame_rate(raw)
 
 
 def _image_config(obj: ObjectTag, control: ControlTag, labels: ControlTag | None) -> str:

@@ -99,6 +99,8 @@ class Settings:
     max_video_seconds: float = 3600.0
     # Video tracking (backends/video_tracking.py): a track unseen this long ends (ByteTrack's buffer).
     video_track_buffer_s: float = 1.0
+    # TimelineLabels on Video (backends/video_classification.py): per-frame scores smoothed over this long.
+    video_timeline_smooth_s: float = 1.0
     cache_max_bytes: int = 512 * 1024 * 1024
     # Image embeddings of promptable models (SAM), per process, on the model's device: a SAM 2 image
     # is ~16 MB in fp32 (~8 MB fp16), so the default keeps about 32 images (64 in fp16).
