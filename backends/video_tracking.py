@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 from xml.sax.saxutils import quoteattr
 
+from backends import _sam_video
 from backends._tracking import ByteTracker, Detection, Track
 from backends._video import frame_rate_of
 from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
@@ -67,6 +68,28 @@ def _image_config(obj: ObjectTag, control: ControlTag, labels: ControlTag | None
     )
 
 
+def drawn_box(
+    context: Mapping[str, Any] | None, obj_name: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """Return (region, its last keyframe) of the first videorectangle drawn on this video in `context`."""
+    if not context:
+        return None
+    for region in context.get("result") or ():
+        if not isinstance(region, Mapping) or region.get("type") != "videorectangle":
+            continue
+        if region.get("to_name") not in (None, obj_name):
+            continue
+        value = region.get("value")
+        sequence = value.get("sequence") if isinstance(value, Mapping) else None
+        keys = [k for k in sequence or () if isinstance(k, Mapping) and isinstance(k.get("frame"), int)]
+        last = max(keys, key=lambda k: int(k["frame"])) if keys else None
+        if last is not None and all(
+            isinstance(last.get(n), int | float) for n in ("x", "y", "width", "height")
+        ):
+            return region, last
+    return None
+
+
 class VideoTrackingBackend(Backend):
     """Tracked boxes on a video: an image detector on sampled frames, boxes linked by ByteTrack."""
 
@@ -80,9 +103,10 @@ class VideoTrackingBackend(Backend):
     detector_families: ClassVar[Mapping[str, type[Backend]] | None] = None
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
-        """Store the spec; the detector loads in load()."""
+        """Store the spec; the detector loads in load(), SAM 2 video on the first drawn box."""
         super().__init__(spec, settings)
         self.detector: Backend | None = None
+        self._sam: tuple[Any, Any] | None = None
 
     # ---- planning ----
     @classmethod
@@ -190,9 +214,76 @@ class VideoTrackingBackend(Backend):
         low = min(LOW_SCORE, target.threshold)
         return replace(target, control=control, obj=obj, model=inner_spec, threshold=low, linked={})
 
-    def preprocess(self, item: Item) -> VideoInput:
-        """Run the detector's own preprocess on every sampled frame (CPU pool)."""
+    # ---- interactive: a drawn box tracked forward by SAM 2 video ----
+    def video_sampling(self, item: Item) -> Mapping[str, Any] | None:
+        """Return every frame from the drawn one (VIDEO_TRACK_FRAMES of them) for a drawn box, else None."""
+        drawn = drawn_box(item.context, item.obj.name)
+        if drawn is None:
+            return None
+        rate = frame_rate_of(item.obj, item.task)
+        start_s = (int(drawn[1]["frame"]) - 1) / rate
+        frames = max(1, self.settings.video_track_frames)
+        return {"fps": 0.0, "max_frames": frames, "start_s": start_s, "spread": False}
+
+    def interactive(
+        self, item: Item, targets: Sequence[Target], context: Mapping[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """Track the drawn box forward: its keyframes from the drawn frame on, one per decoded frame."""
+        drawn = drawn_box(context, item.obj.name)
+        if drawn is None or not item.frames:
+            return None
+        region, keyframe = drawn
+        target = next((t for t in targets if t.control.name == region.get("from_name")), targets[0])
+        size = item.frames[0].size
+        box_px = regions.rect_pct_to_box_xyxy_px(keyframe, size)
+        with self.lock:
+            masks = self.track_masks(item.frames, box_px)
+        rate = frame_rate_of(item.obj, item.task)
+        count = regions.video_frames_count(item.duration, rate)
+        first = regions.video_keyframe(int(keyframe["frame"]), rate, keyframe, True)
+        sequence = [first]
+        for index, mask in zip(item.frame_indices[1:], masks[1:], strict=False):
+            box = _sam_video.mask_box(mask)
+            if box is None:  # the object is gone: the box ends on the last frame it was seen
+                sequence[-1]["enabled"] = False
+                break
+            frame = regions.video_frame(index, item.fps, rate, count)
+            if frame > sequence[-1]["frame"]:
+                pct = regions.box_xyxy_px_to_pct(box, size)
+                sequence.append(regions.video_keyframe(frame, rate, pct, True))
+        labels = region.get("value", {}).get("labels") or [None]
+        region_id = str(region.get("id") or "") or None
+        return [
+            regions.video_rectangle_item(target, sequence, count, item.duration, 1.0, labels[0], region_id)
+        ]
+
+    def track_masks(self, frames: Sequence[Any], box_xyxy_px: Sequence[float]) -> list[Any]:
+        """Return SAM 2 video's mask of the boxed object on every frame (frames[0] holds the box)."""
+        if self._sam is None:
+            self._sam = self._load_sam()
+        model, processor = self._sam
+        return _sam_video.track(model, processor, frames, box_xyxy_px, self.device)
+
+    def _load_sam(self) -> tuple[Any, Any]:
+        """Load SAM 2 video from the local SAM_MODEL checkpoint (InputError with the command when absent)."""
+        from backends import _sam
+        from serving.errors import InputError
+
+        name = self.settings.sam_model or _sam.DEFAULT_MODEL
+        folder = _sam.checkpoint_folder(name, self.settings.model_dir)
+        if folder is None:
+            raise InputError(
+                f"tracking a drawn box needs SAM 2 weights ('{name}' is not on disk): run "
+                "`python -m serving weights download --model sam` where internet exists, or set SAM_MODEL "
+                "to a save_pretrained() folder"
+            )
+        return _sam_video.load(folder, self.device)
+
+    def preprocess(self, item: Item) -> VideoInput | None:
+        """Run the detector's own preprocess on every sampled frame (CPU pool); nothing for a drawn box."""
         assert self.detector is not None
+        if drawn_box(item.context, item.obj.name) is not None:
+            return None  # interactive() answers it with SAM 2 video
         frame_targets = tuple(self.frame_target(t) for t in item.targets)
         frames = []
         for image in item.frames:

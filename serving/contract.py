@@ -509,8 +509,12 @@ class Backend(ABC):
         """Return the sample rate (Hz) audio is resampled to for this model (input_kind "audio")."""
         return 16000
 
-    def video_sampling(self) -> Any:
-        """Return how to sample a video for this model (input_kind "video"); None = the VIDEO_* settings."""
+    def video_sampling(self, item: Item) -> Mapping[str, Any] | None:
+        """Return how to sample this item's video where it differs from the VIDEO_* settings (None: it does not).
+
+        Keys of serving.fetch.video.Sampling: fps, max_frames, max_side, max_seconds, start_s (an
+        interactive call tracks every frame from the drawn one).
+        """
         return None
 
     def preprocess(self, item: Item) -> Any:

@@ -99,6 +99,8 @@ class Settings:
     max_video_seconds: float = 3600.0
     # Video tracking (backends/video_tracking.py): a track unseen this long ends (ByteTrack's buffer).
     video_track_buffer_s: float = 1.0
+    # Interactive tracking (SAM 2 video, the SAM_MODEL checkpoint): frames a drawn box is tracked forward.
+    video_track_frames: int = 60
     # TimelineLabels on Video (backends/video_classification.py): per-frame scores smoothed over this long.
     video_timeline_smooth_s: float = 1.0
     cache_max_bytes: int = 512 * 1024 * 1024

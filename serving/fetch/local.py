@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import mimetypes
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -81,12 +81,12 @@ class LocalFileResolver:
         return decode_audio(self._read_media(value), sample_rate, self._settings.max_audio_seconds)
 
     def load_video(
-        self, value: str, task_id: int | None = None, *, sampling: Sampling | None = None
+        self, value: str, task_id: int | None = None, *, sampling: Sampling | Mapping[str, Any] | None = None
     ) -> Video:
         """Return a video's sampled frames (file:// decoded by the same decoder as a download)."""
         if not (isinstance(value, str) and value.startswith("file://")):
             return cast(Video, self._inner().load_video(value, task_id, sampling=sampling))
-        return decode_video(self._read_media(value), sampling or video_sampling(self._settings))
+        return decode_video(self._read_media(value), video_sampling(self._settings, sampling))
 
     def _read_media(self, value: str) -> Fetched:
         """Return a file:// audio or video file's bytes (MAX_DOWNLOAD_BYTES applies as to a download)."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import mimetypes
 import os
 import posixpath
 import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit
@@ -57,7 +59,7 @@ class Resolver(Protocol):
     def load_audio(self, value: str, task_id: int | None = None, *, sample_rate: int = 16000) -> Any: ...
 
     def load_video(
-        self, value: str, task_id: int | None = None, *, sampling: Sampling | None = None
+        self, value: str, task_id: int | None = None, *, sampling: Sampling | Mapping[str, Any] | None = None
     ) -> Any: ...
 
 
@@ -148,10 +150,10 @@ class DataResolver:
         return decode_audio(self.fetch(value, task_id), sample_rate, self._settings.max_audio_seconds)
 
     def load_video(
-        self, value: str, task_id: int | None = None, *, sampling: Sampling | None = None
+        self, value: str, task_id: int | None = None, *, sampling: Sampling | Mapping[str, Any] | None = None
     ) -> Video:
-        """Return the sampled frames of the video behind value (VIDEO_* settings unless `sampling` says)."""
-        return decode_video(self.fetch(value, task_id), sampling or video_sampling(self._settings))
+        """Return the sampled frames of the video behind value (VIDEO_* settings, changed by `sampling`)."""
+        return decode_video(self.fetch(value, task_id), video_sampling(self._settings, sampling))
 
     def load_text(self, value: Any, task_id: int | None = None, *, as_url: bool | None = None) -> str:
         """Return text: value itself, or the decoded download when it is a URL (as_url forces either way)."""
@@ -535,11 +537,14 @@ class DataResolver:
         )
 
 
-def video_sampling(settings: Settings) -> Sampling:
-    """Return how videos are sampled under these settings (VIDEO_SAMPLE_FPS, VIDEO_MAX_FRAMES, ...)."""
-    return Sampling(
+def video_sampling(settings: Settings, change: Sampling | Mapping[str, Any] | None = None) -> Sampling:
+    """Return how videos are sampled: the VIDEO_* settings, or `change` (a Sampling, or the fields it sets)."""
+    if isinstance(change, Sampling):
+        return change
+    base = Sampling(
         fps=settings.video_sample_fps,
         max_frames=settings.video_max_frames,
         max_side=settings.video_frame_max_side,
         max_seconds=settings.max_video_seconds,
     )
+    return dataclasses.replace(base, **dict(change)) if change else base

@@ -42,6 +42,9 @@ class Sampling:
     max_side: int = 1024
     max_seconds: float = 3600.0
     start_s: float = 0.0  # interactive tracking starts at the drawn frame
+    spread: bool = (
+        True  # False: the first max_frames frames from start_s (interactive tracking), not the clip
+    )
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,16 @@ def decode_video(fetched: Fetched, sampling: Sampling) -> Video:
 
 
 def sample_indices(frame_count: int, fps: float, sampling: Sampling) -> list[int]:
-    """Return the 0-based frame indices to keep: every fps/sampling.fps-th from start_s, at most max_frames."""
+    """Return the 0-based frame indices to keep: every fps/sampling.fps-th from start_s, at most max_frames.
+
+    With `spread` the stride widens so the max_frames cover the whole clip; without, the first ones are kept.
+    """
     first = min(max(0, round(sampling.start_s * fps)), max(0, frame_count - 1))
     span = frame_count - first
     if span <= 0:
         return []
     step = 1.0 if sampling.fps <= 0 or sampling.fps >= fps else fps / sampling.fps
-    if sampling.max_frames > 0 and span / step > sampling.max_frames:
+    if sampling.spread and sampling.max_frames > 0 and span / step > sampling.max_frames:
         step = span / sampling.max_frames  # widen the stride: the whole clip, fewer frames
     out: list[int] = []
     k = 0

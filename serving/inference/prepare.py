@@ -90,7 +90,7 @@ def _load_video(item: Item, value: Any, task_id: int | None, backend: Backend, r
         raise InputError(
             f"data['{item.obj.value_key}'] must be a video URL or path, got {type(value).__name__}"
         )
-    video = resolver.load_video(value, task_id, sampling=backend.video_sampling())
+    video = resolver.load_video(value, task_id, sampling=backend.video_sampling(item))
     item.frames, item.frame_indices = video.frames, video.indices
     item.fps, item.frame_count, item.video_duration = video.fps, video.frame_count, video.duration
     item.video_size = video.size

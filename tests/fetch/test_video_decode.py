@@ -67,6 +67,12 @@ def test_sample_indices_cover_the_clip_within_the_frame_cap() -> None:
     assert sample_indices(30, 10.0, Sampling(fps=20.0)) == list(range(30))
     assert sample_indices(1000, 25.0, Sampling(fps=5.0, max_frames=10)) == list(range(0, 1000, 100))
     assert sample_indices(7, 30.0, Sampling(fps=30.0, start_s=1.0)) == [6]
+    assert sample_indices(1000, 25.0, Sampling(fps=0, max_frames=4, start_s=2.0, spread=False)) == [
+        50,
+        51,
+        52,
+        53,
+    ]
 
 
 def test_frames_are_shrunk_to_the_max_side() -> None:
