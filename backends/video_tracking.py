@@ -143,8 +143,15 @@ class VideoTrackingBackend(Backend):
         from serving.errors import ConfigError
         from serving.plan.planner import build_plan
 
+        families = cls.families()
+        name = control.attr("model_name")
+        family, sep, model = name.partition(":")
+        if sep and family in families:  # "detection:fcos_resnet50_fpn": that family's model
+            attrs = {k: v for k, v in control.attrs.items() if str(k).lower() != "model_name"}
+            control = replace(control, attrs={**attrs, "model_name": model})
+            families = {family: families[family]}
         try:
-            plan = build_plan(_image_config(obj, control, labels), settings, cls.families())
+            plan = build_plan(_image_config(obj, control, labels), settings, families)
         except ConfigError as exc:
             log.warning("video tag %s: no detector plan: %s", control.name, exc)
             return None
@@ -152,7 +159,7 @@ class VideoTrackingBackend(Backend):
         if not specs:
             return None
         # labels split between a closed and a zero-shot model: the zero-shot one is prompted with all
-        zero_shot = [s for s in specs if getattr(cls.families().get(s.family), "zero_shot", False)]
+        zero_shot = [s for s in specs if getattr(families.get(s.family), "zero_shot", False)]
         return (zero_shot or specs)[0]
 
     @classmethod
