@@ -251,3 +251,25 @@ def test_validation_drops_bad_video_regions() -> None:
     assert [p.code for p in check_items(schema, [item(["Man"], frame=41)])] == ["out_of_range"]
     assert [p.code for p in check_items(schema, [item(["Man"], frame=0)])] == ["out_of_range"]
     assert [p.code for p in check_items(schema, [item(["Man"], x=130.0)])] == ["out_of_range"]
+
+
+def test_planning_picks_the_image_detector_the_routing_would() -> None:
+    """COCO labels: torchvision's detector; the template's Man/Woman/Other: the open-vocabulary family;
+    model_name="family:model" on the tag: that model."""
+    from backends import registry
+    from serving.plan.planner import build_plan
+
+    families = registry()
+    settings = Settings(detector="fasterrcnn_resnet50_fpn_v2")
+    coco = (
+        TEMPLATE.replace('"Man"', '"person"').replace('"Woman"', '"car"').replace('"Other"', '"dog"') % "25"
+    )
+    (spec,) = build_plan(coco, settings, families).specs
+    assert (spec.family, spec.name) == ("video_tracking", "detection:fasterrcnn_resnet50_fpn_v2")
+    (spec,) = build_plan(TEMPLATE % "25", settings, families).specs
+    assert spec.family == "video_tracking" and spec.name.startswith("open_vocab:")
+    named = (TEMPLATE % "25").replace(
+        '<VideoRectangle name="box"', '<VideoRectangle name="box" model_name="planted:planted"'
+    )
+    (spec,) = build_plan(named, settings, FAMILIES).specs
+    assert spec.name == "planted:planted"
