@@ -278,3 +278,26 @@ def test_a_load_out_of_device_memory_offloads_the_idle_models_and_loads_again(tm
     finally:
         SizedModel.oom_next = False
         runtime.close()
+
+
+class RealHolder:
+    """A model of real layers (moved for real on a GPU)."""
+
+    def __init__(self, mib: int) -> None:
+        self.net = nn.Linear(1024, 256 * mib, bias=False)
+
+
+@pytest.mark.gpu
+def test_on_cuda_an_offloaded_model_frees_its_device_memory_and_comes_back() -> None:
+    a, b = RealHolder(64), RealHolder(64)  # 64 MiB of fp32 weights each
+    a.net.to("cuda")
+    b.net.to("cuda")
+    res = Residency(Settings(gpu_memory_bytes=100 * 2**20), Metrics())
+    before = torch.cuda.memory_allocated()
+    res.loaded("a", a, "cuda", lambda: False)
+    res.loaded("b", b, "cuda", lambda: False)  # 128 MiB > 100: a goes to the CPU
+    assert before - torch.cuda.memory_allocated() >= 64 * 2**20
+    assert a.net.weight.device.type == "cpu" and b.net.weight.device.type == "cuda"
+    with res.using("a"):
+        assert a.net.weight.device.type == "cuda" and b.net.weight.device.type == "cpu"
+        assert a.net(torch.ones(1, 1024, device="cuda")).shape == (1, 256 * 64)
