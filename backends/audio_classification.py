@@ -45,6 +45,7 @@ from serving.contract import (
     Claim,
     ControlTag,
     Item,
+    LabelMap,
     ModelSpec,
     ObjectTag,
     Target,
@@ -128,7 +129,8 @@ class PromptSet:
     labels: tuple[str, ...]
     phrases: tuple[tuple[str, ...], ...]
     background: str = ""
-    view: str = "clip"  # "clip" (Choices: the whole file) or "events" (Labels: sliding windows)
+    # "clip" (Choices: the whole file), "events" (Labels: sliding windows), "region" (per-region Choices)
+    view: str = "clip"
 
     def texts(self) -> list[str]:
         """Return every phrase to embed, the background last."""
@@ -138,11 +140,20 @@ class PromptSet:
 
 def prompt_set(target: Target) -> PromptSet:
     """Return a target's labels with their prompt texts (template x predicted_values or value)."""
-    control = target.control
-    template = (target.option("model_prompt", "") or DEFAULT_TEMPLATE).replace("{label}", "{}")
+    view = "events" if target.control.tag == "Labels" else "clip"
+    return _prompts(target.control, target.label_map.config_labels, view)
+
+
+def region_prompt_set(target: Target) -> PromptSet | None:
+    """Return the prompts of the per-region Choices linked to a sound-event target (None without one)."""
+    choices = target.linked.get("choices")
+    return _prompts(choices, choices.labels, "region") if choices is not None else None
+
+
+def _prompts(control: ControlTag, labels: Sequence[str], view: str) -> PromptSet:
+    template = (control.attr("model_prompt") or DEFAULT_TEMPLATE).replace("{label}", "{}")
     if "{}" not in template:
         template += " {}"
-    labels = target.label_map.config_labels
     phrases = []
     for label in labels:
         raw = control.predicted_values.get(label) or (control.label_values.get(label, label),)
@@ -150,11 +161,10 @@ def prompt_set(target: Target) -> PromptSet:
             tuple(template.format(p.strip()) for p in raw if p.strip()) or (template.format(label),)
         )
     background = ""
-    if control.tag == "Labels":
-        phrase = target.option("model_background", DEFAULT_BACKGROUND).strip()
+    if view == "events":
+        phrase = control.attr("model_background", DEFAULT_BACKGROUND).strip()
         if phrase and phrase.casefold() not in {x.casefold() for x in labels}:
             background = template.format(phrase)
-    view = "events" if control.tag == "Labels" else "clip"
     return PromptSet(tuple(labels), tuple(phrases), background, view)
 
 
@@ -195,6 +205,10 @@ class Scored:
     loud: dict[str, np.ndarray]
     clap: dict[tuple[str, PromptSet], np.ndarray] = field(default_factory=dict)  # logits per phrase
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # classifier: (windows, classes)
+    # per-region Choices (CLAP): the events windows' embeddings, each region prompt set's text embeddings
+    events: np.ndarray | None = None
+    texts: dict[PromptSet, np.ndarray] = field(default_factory=dict)
+    scale: float = 1.0
 
 
 class AudioClassificationBackend(Backend):
@@ -255,6 +269,12 @@ class AudioClassificationBackend(Backend):
             return None  # a choice per region needs regions first: not a whole-file answer
         if routed is not None and is_speaker_tag(claim.control):
             return Claim(control=claim.control, model_name=SPEAKER_MODEL)
+        if routed is not None and claim.control.tag == "Labels":
+            per_region = _per_region_choices(claim.control, controls)
+            if per_region is not None:
+                return Claim(
+                    routed.control, routed.model_name, linked={**routed.linked, "choices": per_region}
+                )
         return routed
 
     @classmethod
@@ -390,7 +410,9 @@ class AudioClassificationBackend(Backend):
                 window = self.settings.sound_event_window_s
                 spans[view] = aw.window_spans(item.duration, window, self.settings.sound_event_hop_s)
             loud[view] = aw.window_rms_db(item.audio, rate, spans[view]) > SILENCE_DBFS
-        prompts = tuple(dict.fromkeys(prompt_set(t) for t in targets)) if self.kind == "clap" else ()
+        regional = [p for t in targets if (p := region_prompt_set(t)) is not None]
+        prompts = tuple(dict.fromkeys([*(prompt_set(t) for t in targets), *regional]))
+        prompts = prompts if self.kind == "clap" else ()
         prepared = Prepared(item.duration, spans, loud, prompts=prompts)
         if self.kind == "clap":
             prepared.mel = aw.log_mel(item.audio, self.extractor)
@@ -416,11 +438,15 @@ class AudioClassificationBackend(Backend):
                 out[i].logits[view] = stacked
                 continue
             if view == "clip":  # one embedding for the file: the mean direction of its windows
-                stacked = stacked.mean(axis=0, keepdims=True)
-                stacked /= max(float(np.linalg.norm(stacked)), 1e-12)
+                stacked = _unit(stacked.mean(axis=0, keepdims=True))
+            else:
+                out[i].events = stacked
+            out[i].scale = self._scale()
             for prompts in batch[i].prompts:
                 if prompts.view == view:
-                    out[i].clap[(view, prompts)] = stacked @ self._text_embeddings(prompts).T * self._scale()
+                    out[i].clap[(view, prompts)] = stacked @ self._text_embeddings(prompts).T * out[i].scale
+                elif prompts.view == "region":
+                    out[i].texts[prompts] = self._text_embeddings(prompts)
         return out
 
     def _scale(self) -> float:
@@ -519,10 +545,43 @@ class AudioClassificationBackend(Backend):
         per_window = per_window * scored.loud["events"][:, None]
         items: list[dict[str, Any]] = []
         for event in aw.merge_events(scored.spans["events"], per_window, threshold_of(target)):
+            picked, score = self._region_choices(scored, target, event)
             items += regions.audio_segment_items(
-                target, event.start, event.end, scored.duration, event.score, labels[event.label]
+                target,
+                event.start,
+                event.end,
+                scored.duration,
+                event.score,
+                labels[event.label],
+                choices=picked,
+                choice_score=score,
             )
         return items
+
+    def _region_choices(self, scored: Scored, target: Target, event: aw.Event) -> tuple[list[str], float]:
+        """Return the linked per-region Choices' answer for one region: from the windows inside it."""
+        choices = target.linked.get("choices")
+        if choices is None or not choices.labels:
+            return [], 0.0
+        spans = scored.spans["events"]
+        inside = np.array([s < event.end and e > event.start for s, e in spans]) & scored.loud["events"]
+        if not inside.any():
+            return [], 0.0
+        multiple = choices.attr("choice", "single").strip().lower() == "multiple"
+        if self.kind == "clap":
+            prompts = region_prompt_set(target)
+            if prompts is None or scored.events is None or prompts not in scored.texts:
+                return [], 0.0
+            embedding = _unit(scored.events[inside].mean(axis=0, keepdims=True))
+            probs = _softmax(_per_label((embedding @ scored.texts[prompts].T)[0] * scored.scale, prompts))
+        else:
+            mean = scored.logits["events"][inside].mean(axis=0)
+            probs = self._mapped(
+                _sigmoid(mean) if multiple else _softmax(mean),
+                LabelMap(choices.labels, choices.predicted_values),
+            )
+        picked = _picked(probs, multiple, _choice_threshold(choices))
+        return [choices.labels[i] for i in picked], float(probs[picked[0]]) if picked else 0.0
 
     def _choice_probs(self, scored: Scored, target: Target, multiple: bool) -> np.ndarray | None:
         """Return one probability per config label for the whole file."""
@@ -536,7 +595,7 @@ class AudioClassificationBackend(Backend):
         if logits is None:
             return None
         mean = logits.mean(axis=0)
-        return self._mapped(_sigmoid(mean) if multiple else _softmax(mean), target)
+        return self._mapped(_sigmoid(mean) if multiple else _softmax(mean), target.label_map)
 
     def _event_probs(self, scored: Scored, target: Target) -> np.ndarray | None:
         """Return (windows, config labels) probabilities of the events view."""
@@ -552,15 +611,15 @@ class AudioClassificationBackend(Backend):
         logits = scored.logits.get("events")
         if logits is None:
             return None
-        return np.stack([self._mapped(_sigmoid(row), target) for row in logits])
+        return np.stack([self._mapped(_sigmoid(row), target.label_map) for row in logits])
 
-    def _mapped(self, probs: np.ndarray, target: Target) -> np.ndarray:
+    def _mapped(self, probs: np.ndarray, label_map: LabelMap) -> np.ndarray:
         """Return per config label the highest probability of the model classes that map to it."""
-        labels = target.label_map.config_labels
+        labels = label_map.config_labels
         out = np.zeros(len(labels))
         index = {label: j for j, label in enumerate(labels)}
         for k, p in enumerate(probs):
-            mapped = target.label_map(self.id2label.get(k, str(k)))
+            mapped = label_map(self.id2label.get(k, str(k)))
             if mapped is not None and mapped in index:
                 out[index[mapped]] = max(out[index[mapped]], float(p))
         return out
@@ -575,19 +634,49 @@ def _per_label(logits: np.ndarray, prompts: PromptSet) -> np.ndarray:
     return np.asarray(out)
 
 
+def _per_region_choices(labels: ControlTag, controls: Sequence[ControlTag]) -> ControlTag | None:
+    """Return the per-region Choices that describes this Labels tag's regions (*Intent classification*)."""
+    for control in controls:
+        wanted = control.attr("whenTagName")
+        if (
+            control.tag == "Choices"
+            and control.attr("perRegion").strip().lower() == "true"
+            and control.to_name == labels.to_name
+            and wanted in ("", labels.name)
+            and not control.attr("model_name")
+        ):
+            return control
+    return None
+
+
+def _picked(probs: np.ndarray, multiple: bool, threshold: float) -> list[int]:
+    """Return the chosen indices: the best one (single) or every one at or above the threshold, best first."""
+    if multiple:
+        return [int(i) for i in np.argsort(-probs, kind="stable") if probs[i] >= threshold]
+    best = int(np.argmax(probs))
+    return [best] if probs[best] >= threshold else []
+
+
+def _choice_threshold(control: ControlTag) -> float:
+    raw = control.attr("model_score_threshold")
+    try:
+        return float(raw) if raw else CHOICE_THRESHOLD
+    except ValueError:
+        return CHOICE_THRESHOLD
+
+
 def _choices(
     target: Target, labels: Sequence[str], probs: np.ndarray, multiple: bool, threshold: float
 ) -> list[dict[str, Any]]:
     """Return the choices item: the best label (single) or every label at or above the threshold."""
-    if multiple:
-        order = [int(i) for i in np.argsort(-probs, kind="stable") if probs[i] >= threshold]
-        if not order:
-            return []
-        return [regions.choices_item(target, [labels[i] for i in order], float(probs[order[0]]))]
-    best = int(np.argmax(probs))
-    if probs[best] < threshold:
+    picked = _picked(probs, multiple, threshold)
+    if not picked:
         return []
-    return [regions.choices_item(target, [labels[best]], float(probs[best]))]
+    return [regions.choices_item(target, [labels[i] for i in picked], float(probs[picked[0]]))]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x / max(float(np.linalg.norm(x)), 1e-12))
 
 
 def _same_length(pieces: list[np.ndarray]) -> list[list[int]]:

@@ -222,6 +222,34 @@ def test_sound_events_become_labeled_regions_in_seconds(server: tuple[FlaskClien
     assert all(r["original_length"] == 10.0 and r["type"] == "labels" for r in result)
 
 
+INTENT = """<View>
+  <Labels name="labels" toName="audio" model_background="" model_score_threshold="0.6">
+    <Label value="Segment"/>
+  </Labels>
+  <Audio name="audio" value="$audio"/>
+  <Choices name="kind" toName="audio" perRegion="true"><Choice value="Dog"/><Choice value="Cat"/></Choices>
+</View>"""
+
+
+def test_per_region_choices_classify_each_sound_region(server: tuple[FlaskClient, Runtime]) -> None:
+    """*Intent classification*'s shape: loud stretches become Segment regions, each region's windows pick its choice."""
+    client, runtime = server
+    plan = runtime.plan(INTENT)
+    assert plan.unfilled == () and [r.control for r in plan.routes] == ["labels"]
+    _plant(_loaded(runtime, client, INTENT))
+    (result,) = _predict(client, INTENT, ["events.wav"])
+    regions = {r["id"]: r for r in result if r["type"] == "labels"}
+    choices = {r["id"]: r for r in result if r["type"] == "choices"}
+    assert choices.keys() == regions.keys()
+    found = sorted(
+        (r["value"]["start"], r["value"]["end"], choices[i]["value"]["choices"]) for i, r in regions.items()
+    )
+    assert found == [(3.0, 6.0, ["Dog"]), (8.0, 10.0, ["Cat"])]
+    for i, choice in choices.items():
+        assert choice["from_name"] == "kind" and choice["value"]["start"] == regions[i]["value"]["start"]
+        assert choice["score"] == pytest.approx(math.exp(SCALE) / (math.exp(SCALE) + 1), abs=1e-6)
+
+
 def test_a_supervised_classifier_by_model_path_maps_its_labels(
     server: tuple[FlaskClient, Runtime], models: dict[str, Path]
 ) -> None:

@@ -90,4 +90,11 @@ def test_label_studio_templates_get_the_model_their_labels_need(capsys: pytest.C
     assert rows["audio-speech-processing/automatic-speech-recognition"][1] == (
         "transcription (TextArea) -> audio_transcription:whisper"
     )
+    assert rows["audio-speech-processing/sound-event-detection"][:2] == [
+        "all",
+        "label (Labels) -> audio_classification:clap",
+    ]
+    assert rows["audio-speech-processing/speaker-segmentation"][1] == (
+        "label (Labels) -> audio_classification:speaker_segmentation"  # /setup: 422 with the reason
+    )
     assert rows["computer-vision/image-captioning"][1] == "caption (TextArea) -> vision_generation:vlm"
