@@ -15,9 +15,11 @@
   BEATs-style fine-tunes) by `model_name="audio_classification:<id>"`, a cached id, or `model_path`:
   its `id2label` mapped through the label map; softmax for a single choice, sigmoid for multiple
   choices and for events.
-- *Speaker segmentation* (a Labels tag whose labels name speakers): not served. pyannote's segmentation
-  and diarization weights are gated behind a user agreement, and CLAP cannot tell speakers apart;
-  /setup answers 422 saying so (see SPEAKER_REASON).
+- *Speaker segmentation* (a Labels tag whose labels all name speakers): a diarization model through
+  `AutoModelForAudioFrameClassification`, SPEAKER_MODEL (default nvidia/Nemotron-3-Diarization: up to 8
+  speakers every 10 ms over a whole recording, OpenMDW licence, no gated agreement; pyannote's weights are
+  gated and need pyannote.audio). Each speaker's frames at or above the threshold (0.5) become regions;
+  speakers take the config's labels in order of first speech ("Speaker one" speaks first).
 
 The default model is CLAP_MODEL (laion/larger_clap_general: LAION's later CLAP checkpoint trained on
 general audio, music and speech, which covers both the sound-event and the speech templates; the
@@ -67,12 +69,7 @@ KNOWN = {
     "clap-htsat-fused": "laion/clap-htsat-fused",
 }
 SPEAKER_MODEL = "speaker_segmentation"
-SPEAKER_REASON = (
-    "speaker segmentation (diarization) is not served: the usable models (pyannote/segmentation-3.0, "
-    "pyannote/speaker-diarization-3.1) are gated behind a user agreement on the Hugging Face Hub and run "
-    "through pyannote.audio, not transformers, and CLAP cannot tell speakers apart. Remove the speaker "
-    'Labels tag, or set model_skip="true" on it, to serve the rest of this config'
-)
+MIN_GAP_S = 0.2  # speaker regions: pauses shorter than this do not split a turn
 _SPEAKER = re.compile(
     r"\b(speaker|spk|narrator|interviewer|interviewee|caller|agent)\b|^(person|voice) ?\d", re.I
 )
@@ -92,6 +89,8 @@ def source_of(spec: ModelSpec, settings: Settings) -> str:
     name = spec.name.removeprefix(PREFIX)
     if name == "clap":
         return settings.clap_model
+    if name == SPEAKER_MODEL:
+        return settings.speaker_model
     return KNOWN.get(name.lower(), name)
 
 
@@ -106,10 +105,12 @@ def _config(folder: Path | None) -> dict[str, Any]:
 
 
 def model_kind(folder: Path | None) -> str:
-    """Return "clap", "classifier" (an audio classification head) or "" from a checkpoint's config.json."""
+    """Return "clap", "classifier", "frames" (a per-frame head: diarization) or "" from a config.json."""
     data = _config(folder)
     if data.get("model_type") == "clap":
         return "clap"
+    if any(str(a).endswith("ForAudioFrameClassification") for a in data.get("architectures") or ()):
+        return "frames"
     if any(str(a).endswith("ForAudioClassification") for a in data.get("architectures") or ()):
         return "classifier"
     return ""
@@ -291,8 +292,6 @@ class AudioClassificationBackend(Backend):
     @classmethod
     def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
         """Return None when the checkpoint is local, else what is missing and the command that fetches it."""
-        if spec.name == SPEAKER_MODEL:
-            return SPEAKER_REASON
         if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
             return "transformers/torch are not installed: pip install torch transformers"
         folder = cls._folder(spec, settings)
@@ -302,29 +301,37 @@ class AudioClassificationBackend(Backend):
             return (
                 f"weights of '{source_of(spec, settings)}' are not in the Hugging Face cache: run "
                 f"`python -m serving weights download --model {spec.name}` where internet exists, or set "
-                "CLAP_MODEL / model_path to a save_pretrained() folder"
+                f"{'SPEAKER_MODEL' if spec.name == SPEAKER_MODEL else 'CLAP_MODEL'} / model_path to a "
+                "save_pretrained() folder"
             )
-        if not model_kind(folder):
-            return f"'{folder}' is neither a CLAP model nor an audio classifier (*ForAudioClassification)"
+        kind = model_kind(folder)
+        if not kind:
+            return (
+                f"'{folder}' is neither CLAP nor an audio (frame) classifier (*ForAudio[Frame]Classification)"
+            )
+        if spec.name == SPEAKER_MODEL and kind != "frames":
+            return f"'{folder}' is no speaker diarization model (*ForAudioFrameClassification)"
         return None
 
     @classmethod
     def version_of(cls, spec: ModelSpec, settings: Settings) -> str:
         """Return the model name and a fingerprint of its checkpoint folder."""
-        folder = cls._folder(spec, settings) if spec.name != SPEAKER_MODEL else None
+        folder = cls._folder(spec, settings)
         if folder is None or hf.weights_file(folder) is None:
             return f"{spec.name}@missing"
         return f"{spec.name}@{weights_fingerprint(folder)}"
 
     @classmethod
     def weights_status(cls, settings: Settings) -> list[Any]:
-        """Return where CLAP_MODEL's checkpoint is and whether it is present."""
+        """Return where CLAP_MODEL's and SPEAKER_MODEL's checkpoints are and whether they are present."""
         from backends._torchvision import WeightStatus
 
-        source = settings.clap_model
-        folder = hf.checkpoint_folder(source, settings.model_dir)
-        present = folder is not None and hf.weights_file(folder) is not None
-        return [WeightStatus("clap", str(folder) if folder else "(Hugging Face cache)", present, source)]
+        out = []
+        for name, source in (("clap", settings.clap_model), (SPEAKER_MODEL, settings.speaker_model)):
+            folder = hf.checkpoint_folder(source, settings.model_dir)
+            present = folder is not None and hf.weights_file(folder) is not None
+            out.append(WeightStatus(name, str(folder) if folder else "(Hugging Face cache)", present, source))
+        return out
 
     @classmethod
     def download_weights(cls, models: Sequence[str], settings: Settings) -> list[str]:
@@ -333,8 +340,6 @@ class AudioClassificationBackend(Backend):
 
         written = []
         for name in list(models) or [cls.default_model]:
-            if name == SPEAKER_MODEL:
-                raise ValueError(SPEAKER_REASON)
             repo = source_of(ModelSpec(cls.family, name), settings)
             if Path(repo).is_dir():
                 written.append(repo)
@@ -360,6 +365,8 @@ class AudioClassificationBackend(Backend):
         from transformers import (
             AutoFeatureExtractor,
             AutoModelForAudioClassification,
+            AutoModelForAudioFrameClassification,
+            AutoProcessor,
             AutoTokenizer,
             ClapModel,
         )
@@ -374,11 +381,17 @@ class AudioClassificationBackend(Backend):
             model = ClapModel.from_pretrained(str(folder), local_files_only=True, dtype=self.dtype)
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         else:
-            model = AutoModelForAudioClassification.from_pretrained(
-                str(folder), local_files_only=True, dtype=self.dtype
+            head = (
+                AutoModelForAudioFrameClassification
+                if self.kind == "frames"
+                else AutoModelForAudioClassification
             )
+            model = head.from_pretrained(str(folder), local_files_only=True, dtype=self.dtype)
             self.id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-        self.extractor = AutoFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+        # a diarizer's processor may do more than its feature extractor (Nemotron 3 Diarization ships one)
+        has_processor = (folder / "processor_config.json").is_file()
+        loader = AutoProcessor if self.kind == "frames" and has_processor else AutoFeatureExtractor
+        self.extractor = loader.from_pretrained(str(folder), local_files_only=True)
         self.model = model.eval().to(device)
         self.device = device
 
@@ -388,7 +401,8 @@ class AudioClassificationBackend(Backend):
 
     def audio_rate(self) -> int:
         """Return the feature extractor's rate (48 kHz for LAION's CLAP, 16 kHz for most classifiers)."""
-        return int(getattr(self.extractor, "sampling_rate", 16000))
+        extractor = getattr(self.extractor, "feature_extractor", self.extractor)
+        return int(getattr(extractor, "sampling_rate", 16000))
 
     def _clip_window_s(self) -> float:
         if self.kind == "clap":
@@ -400,6 +414,9 @@ class AudioClassificationBackend(Backend):
         assert item.audio is not None
         rate = item.sample_rate or self.audio_rate()
         targets = [t for t in item.targets if t.model == self.spec]
+        if self.kind == "frames":  # the diarization model reads the whole recording in one forward
+            whole = {"speakers": [(0.0, item.duration)]}
+            return Prepared(item.duration, whole, {"speakers": np.ones(1, dtype=bool)}, samples=item.audio)
         views = {"clip" if t.control.tag == "Choices" else "events" for t in targets}
         spans: dict[str, list[tuple[float, float]]] = {}
         loud: dict[str, np.ndarray] = {}
@@ -423,6 +440,11 @@ class AudioClassificationBackend(Backend):
     def forward(self, batch: list[Any]) -> list[Any]:
         """Encode every window of every task, window_batch at a time; score CLAP's prompt sets."""
         out = [Scored(p.duration, p.spans, p.loud) for p in batch]
+        if self.kind == "frames":
+            for scored, p in zip(out, batch, strict=True):
+                assert p.samples is not None
+                scored.logits["speakers"] = self._frame_probs(p.samples)
+            return out
         rows = [
             (i, view, k) for i, p in enumerate(batch) for view in p.spans for k in range(len(p.spans[view]))
         ]
@@ -477,6 +499,19 @@ class AudioClassificationBackend(Backend):
                 values = self.model(**inputs).logits.float().cpu().numpy()
             logits += list(zip(group, values, strict=True))
         return [row for _j, row in sorted(logits, key=lambda x: x[0])]
+
+    def _frame_probs(self, samples: np.ndarray) -> np.ndarray:
+        """Return the diarization model's per-frame speaker probabilities (frames, speakers) for one recording."""
+        import torch
+
+        inputs = self.extractor([samples], sampling_rate=self.audio_rate(), return_tensors="pt")
+        inputs = {
+            k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+        }
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits.float()
+        return np.asarray(torch.sigmoid(logits[0]).cpu().numpy(), dtype=np.float64)
 
     def _clap_input(self, prepared: Prepared, span: tuple[float, float]) -> np.ndarray:
         """Return a window's CLAP input (channels, frames, bins) from the file's log-mel (repeat-padded)."""
@@ -539,6 +574,8 @@ class AudioClassificationBackend(Backend):
             if probs is None:
                 return []
             return _choices(target, labels, probs, multiple, threshold_of(target))
+        if self.kind == "frames":
+            return self._speakers(scored, target)
         per_window = self._event_probs(scored, target)
         if per_window is None:
             return []
@@ -556,6 +593,29 @@ class AudioClassificationBackend(Backend):
                 choices=picked,
                 choice_score=score,
             )
+        return items
+
+    def _speakers(self, scored: Scored, target: Target) -> list[dict[str, Any]]:
+        """Return one region per speaker turn; speakers take the config's labels in order of first speech."""
+        probs = scored.logits.get("speakers")
+        labels = target.label_map.config_labels
+        if probs is None or not probs.size or scored.duration <= 0:
+            return []
+        # frames every 10 ms (Nemotron) or 20 ms (WavLM): the ms step, not duration / frames, which drifts
+        frame_s = round(scored.duration / probs.shape[0], 3) or scored.duration / probs.shape[0]
+        turns = aw.frame_runs(probs, frame_s, threshold_of(target), MIN_GAP_S)
+        order = list(dict.fromkeys(t.label for t in turns))  # speakers by first turn
+        if len(order) > len(labels):
+            log.info(
+                "%d speakers found, the config names %d: the later ones are left out", len(order), len(labels)
+            )
+        items: list[dict[str, Any]] = []
+        for turn in turns:
+            rank = order.index(turn.label)
+            if rank < len(labels):
+                items += regions.audio_segment_items(
+                    target, turn.start, turn.end, scored.duration, turn.score, labels[rank]
+                )
         return items
 
     def _region_choices(self, scored: Scored, target: Target, event: aw.Event) -> tuple[list[str], float]:

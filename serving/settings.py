@@ -81,6 +81,9 @@ class Settings:
     clap_model: str = "laion/larger_clap_general"
     sound_event_window_s: float = 2.0  # Labels on audio: each window scored on its own...
     sound_event_hop_s: float = 1.0  # ...every this many seconds (regions snap to hop boundaries)
+    # Speaker segmentation (Labels whose labels name speakers): an audio frame classification checkpoint.
+    # NVIDIA's Nemotron 3 Diarization: 8 speakers, 10 ms frames, transformers-native, not gated (pyannote is).
+    speaker_model: str = "nvidia/Nemotron-3-Diarization"
     # Label routing (own-labels, serving/plan/routing.py): labels no closed-vocabulary model knows go
     # to a zero-shot model prompted by them; false = every tag keeps the family that claims its tag.
     auto_route: bool = True

@@ -103,6 +103,55 @@ def build_classifier(folder: Path, id2label: Mapping[int, str], bias: list[float
     return folder
 
 
+def build_diarizer(folder: Path, speakers: int = 2) -> Path:
+    """Save a tiny random WavLMForAudioFrameClassification (20 ms frames, `speakers` outputs) with its extractor."""
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForAudioFrameClassification
+
+    torch.manual_seed(0)
+    config = WavLMConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        num_labels=speakers,
+    )
+    WavLMForAudioFrameClassification(config).eval().save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=RATE, return_attention_mask=True).save_pretrained(folder)
+    return folder
+
+
+def build_nemotron_diarizer(folder: Path) -> Path:
+    """Save a tiny random Nemotron3DiarizationForAudioFrameClassification (8 speakers, 10 ms) with its processor."""
+    import torch
+    import transformers
+    from transformers import (
+        Nemotron3DiarizationConfig,
+        Nemotron3DiarizationForAudioFrameClassification,
+        Nemotron3DiarizationProcessor,
+    )
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+
+    torch.manual_seed(0)
+    audio = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_mel_bins": 80,
+    }
+    config = Nemotron3DiarizationConfig(
+        audio_config=audio, head_config={"hidden_size": 16, "audio_hidden_size": 16}
+    )
+    Nemotron3DiarizationForAudioFrameClassification(config).eval().save_pretrained(folder)
+    extractor = getattr(transformers, FEATURE_EXTRACTOR_MAPPING_NAMES["nemotron3_diarization"])()
+    Nemotron3DiarizationProcessor(feature_extractor=extractor).save_pretrained(folder)
+    return folder
+
+
 def plant_clap(
     backend: Any, audio: Callable[[np.ndarray], np.ndarray], text: Callable[[str], np.ndarray]
 ) -> list[int]:

@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 
 from backends import _audio_windows as aw
 from backends import registry
-from backends.audio_classification import SPEAKER_REASON, AudioClassificationBackend
+from backends.audio_classification import AudioClassificationBackend
 from backends.audio_transcription import TranscriptionBackend
 from serving.cli.weights import _owner
 from serving.fetch.audio import Audio
@@ -28,7 +28,14 @@ from serving.inference.runtime import Runtime
 from serving.plan.planner import build_plan
 from serving.settings import Settings
 from tests.backends._audio_support import silence, tone
-from tests.backends._clap_support import RATE, build_clap, build_classifier, plant_clap
+from tests.backends._clap_support import (
+    RATE,
+    build_clap,
+    build_classifier,
+    build_diarizer,
+    build_nemotron_diarizer,
+    plant_clap,
+)
 from tests.backends._ocr_support import validate
 
 FAMILIES = {"audio_transcription": TranscriptionBackend, "audio_classification": AudioClassificationBackend}
@@ -43,7 +50,18 @@ CLIPS: dict[str, np.ndarray] = {
     "events.wav": np.concatenate([silence(3.0), tone(440, 3.0), silence(2.0), tone(1000, 2.0)]),
     # silence 0-2 s, dog 2-5 s, silence 5-8 s
     "short-event.wav": np.concatenate([silence(2.0), tone(440, 3.0), silence(3.0)]),
+    # silence 0-1 s, the high voice 1-3 s, the low one 3-5 s (with a 0.1 s breath at 4 s), the high one 5-6 s
+    "dialogue.wav": np.concatenate(
+        [silence(1.0), tone(1000, 2.0), tone(300, 1.0), silence(0.1), tone(300, 0.9), tone(1000, 1.0)]
+    ),
 }
+SPEAKERS = """<View>
+  <Labels name="label" toName="audio" zoom="true" hotkey="ctrl+enter">
+    <Label value="Speaker one" background="#00FF00"/>
+    <Label value="Speaker two" background="#12ad59"/>
+  </Labels>
+  <Audio name="audio" value="$audio" />
+</View>"""
 
 CHOICES = """<View>
   <Audio name="audio" value="$audio"/>
@@ -76,13 +94,19 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "clap": build_clap(root / "clap"),
         "ast": build_classifier(root / "ast", {0: "dog", 1: "cat", 2: "bird"}, [2.0, -1.0, -3.0]),
+        "diarizer": build_diarizer(root / "diarizer"),
     }
 
 
 @pytest.fixture
 def server(models: dict[str, Path], tmp_path: Path) -> Iterator[tuple[FlaskClient, Runtime]]:
     """Build the app over the audio families, CLAP_MODEL pointing at the tiny CLAP."""
-    settings = Settings(model_dir=str(tmp_path), clap_model=str(models["clap"]), max_wait_ms=100.0)
+    settings = Settings(
+        model_dir=str(tmp_path),
+        clap_model=str(models["clap"]),
+        speaker_model=str(models["diarizer"]),
+        max_wait_ms=100.0,
+    )
     runtime = Runtime(settings, families=FAMILIES, resolver=ClipResolver())
     app = create_app(settings, runtime=runtime)
     with app.test_client() as client:
@@ -279,7 +303,7 @@ def test_the_real_random_clap_gives_valid_answers(server: tuple[FlaskClient, Run
 def test_routing_between_whisper_clap_and_the_speaker_template(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Labels + per-region TextArea stay Whisper's, per-region Choices unfilled; speakers refused; no CLAP: 422."""
+    """Labels + per-region TextArea stay Whisper's, its per-region Choices unfilled; missing weights: 422 + command."""
     settings = Settings(model_dir=str(tmp_path), clap_model=str(models["clap"]))
     segments = (
         '<View><Labels name="l" toName="a"><Label value="Speech"/></Labels><Audio name="a" value="$a"/>'
@@ -287,12 +311,6 @@ def test_routing_between_whisper_clap_and_the_speaker_template(
     )
     (target,) = build_plan(segments, settings, FAMILIES).targets
     assert target.model.family == "audio_transcription"
-    speakers = (
-        '<View><Labels name="l" toName="a"><Label value="Speaker one"/><Label value="Speaker two"/></Labels>'
-        '<Audio name="a" value="$a"/></View>'
-    )
-    (target,) = build_plan(speakers, settings, FAMILIES).targets
-    assert AudioClassificationBackend.availability(target.model, settings) == SPEAKER_REASON
     per_region = segments.replace(
         "</View>", '<Choices name="c" toName="a" perRegion="true"><Choice value="Yes"/></Choices></View>'
     )
@@ -300,16 +318,72 @@ def test_routing_between_whisper_clap_and_the_speaker_template(
     assert [t.model.family for t in plan.targets] == ["audio_transcription"] and plan.unfilled == (
         "c (Choices)",
     )
-    runtime = Runtime(settings, families=FAMILIES, resolver=ClipResolver())
-    with create_app(settings, runtime=runtime).test_client() as client:
-        response = client.post("/setup", json={"schema": speakers, "project": "1.1"})
-        assert response.status_code == 422 and "speaker segmentation" in response.get_json()["message"]
-    runtime.close()
-    missing = settings.with_(clap_model="laion/no-such-clap")
+    (target,) = build_plan(SPEAKERS, settings, FAMILIES).targets
+    assert target.model.name == "speaker_segmentation"
+    missing = settings.with_(clap_model="laion/no-such-clap", speaker_model="nvidia/no-such-diarizer")
     runtime = Runtime(missing, families=FAMILIES, resolver=ClipResolver())
     with create_app(missing, runtime=runtime).test_client() as client:
         response = client.post("/setup", json={"schema": CHOICES % "", "project": "1.1"})
         assert response.status_code == 422
         assert "python -m serving weights download --model clap" in response.get_json()["message"]
+        response = client.post("/setup", json={"schema": SPEAKERS, "project": "1.1"})
+        assert response.status_code == 422  # SPEAKER_MODEL (Nemotron 3 Diarization) is not cached
+        assert (
+            "python -m serving weights download --model speaker_segmentation"
+            in response.get_json()["message"]
+        )
     runtime.close()
     assert _owner("clap", registry()) == "audio_classification"  # the command fetches what the 422 names
+
+
+def test_frame_runs_join_short_pauses_and_score_their_frames() -> None:
+    """Frames at or above 0.5 make runs; a 1-frame gap is bridged with min_gap_s, a 3-frame one is not."""
+    probs = np.array([[0.9], [0.7], [0.1], [0.9], [0.1], [0.1], [0.1], [0.6]])
+    assert aw.frame_runs(probs, 0.5, 0.5) == [
+        aw.Event(0, 0.0, 1.0, pytest.approx(0.8)),
+        aw.Event(0, 1.5, 2.0, pytest.approx(0.9)),
+        aw.Event(0, 3.5, 4.0, pytest.approx(0.6)),
+    ]
+    joined = aw.frame_runs(probs, 0.5, 0.5, min_gap_s=0.5)
+    assert [(e.start, e.end) for e in joined] == [(0.0, 2.0), (3.5, 4.0)]
+    assert joined[0].score == pytest.approx((0.9 + 0.7 + 0.9) / 3)
+
+
+def test_speaker_segmentation_gives_turns_in_order_of_first_speech(
+    server: tuple[FlaskClient, Runtime],
+) -> None:
+    """LS's *Speaker segmentation* template: the diarizer's speaker 1 talks first, so it is "Speaker one"."""
+    client, runtime = server
+    backend = _loaded(runtime, client, SPEAKERS)
+    assert backend.kind == "frames"
+    real = backend._frame_probs(CLIPS["dialogue.wav"])
+    assert real.shape == (299, 2)  # the real random WavLM: 20 ms frames over the 6 s
+
+    def planted(samples: np.ndarray) -> np.ndarray:
+        """Speaker 0 is the 300 Hz voice, speaker 1 the 1000 Hz one (peak of each 20 ms frame)."""
+        frames = samples[: len(samples) // 320 * 320].reshape(-1, 320)
+        peak_hz = np.abs(np.fft.rfft(frames, axis=1)).argmax(axis=1) * RATE / 320
+        loud = np.abs(frames).max(axis=1) > 0.01
+        return np.stack([loud & (peak_hz < 600), loud & (peak_hz >= 600)], axis=1) * 0.8 + 0.1
+
+    backend._frame_probs = planted  # type: ignore[method-assign]
+    (result,) = _predict(client, SPEAKERS, ["dialogue.wav"])
+    found = [(r["value"]["labels"], r["value"]["start"], r["value"]["end"]) for r in result]
+    assert found == [(["Speaker one"], 1.0, 3.0), (["Speaker two"], 3.0, 5.0), (["Speaker one"], 5.0, 6.0)]
+    assert all(r["score"] == pytest.approx(0.9) for r in result)
+
+
+def test_the_default_diarizer_architecture_loads_and_answers(tmp_path: Path) -> None:
+    """A tiny random Nemotron 3 Diarization (SPEAKER_MODEL's architecture) loads with its processor: 10 ms frames."""
+    from serving.contract import ModelSpec
+
+    settings = Settings(
+        model_dir=str(tmp_path), speaker_model=str(build_nemotron_diarizer(tmp_path / "nemotron"))
+    )
+    spec = ModelSpec("audio_classification", "speaker_segmentation")
+    assert AudioClassificationBackend.availability(spec, settings) is None
+    backend = AudioClassificationBackend(spec, settings)
+    backend.load("cpu")
+    assert backend.audio_rate() == RATE
+    probs = backend._frame_probs(CLIPS["dialogue.wav"])
+    assert probs.shape == (601, 8) and ((probs >= 0) & (probs <= 1)).all()

@@ -95,6 +95,6 @@ def test_label_studio_templates_get_the_model_their_labels_need(capsys: pytest.C
         "label (Labels) -> audio_classification:clap",
     ]
     assert rows["audio-speech-processing/speaker-segmentation"][1] == (
-        "label (Labels) -> audio_classification:speaker_segmentation"  # /setup: 422 with the reason
+        "label (Labels) -> audio_classification:speaker_segmentation"  # SPEAKER_MODEL, a diarizer
     )
     assert rows["computer-vision/image-captioning"][1] == "caption (TextArea) -> vision_generation:vlm"
