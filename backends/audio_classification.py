@@ -1,6 +1,6 @@
 """Audio classification and sound events with the config's labels: CLAP zero-shot, or a supervised classifier.
 
-- `Choices` on `Audio`/`AudioPlus` (*Intent classification*, emotion, speaker gender, ...): each choice
+- `Choices` on `Audio`/`AudioPlus` (intent, emotion, speaker gender, scene, ...): each choice
   is a prompt for CLAP (`model_prompt`, default "This is a sound of {}.", filled with the choice's
   `predicted_values` phrases or its value). The file is cut into the model's own 10 s windows; their
   normalised embeddings are averaged into one. Single choice: the softmax over the tag's choices,
@@ -11,6 +11,8 @@
   each scored by the softmax over the tag's labels plus a background prompt (`model_background`,
   default "background noise", "" for none); windows quieter than -60 dBFS score nothing. Windows
   become regions {start, end, labels} in seconds (see _audio_windows.merge_events), threshold 0.5.
+  A per-region `Choices` on the same audio (*Intent classification*) is linked to the Labels tag: each
+  region gets the choice of the windows inside it, under the region's id.
 - A supervised classifier (any `AutoModelForAudioClassification` checkpoint: AST, wav2vec2, HuBERT,
   BEATs-style fine-tunes) by `model_name="audio_classification:<id>"`, a cached id, or `model_path`:
   its `id2label` mapped through the label map; softmax for a single choice, sigmoid for multiple
