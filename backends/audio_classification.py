@@ -337,11 +337,11 @@ class AudioClassificationBackend(Backend):
 
     @classmethod
     def download_weights(cls, models: Sequence[str], settings: Settings) -> list[str]:
-        """Fetch checkpoints into the Hugging Face cache (CLAP_MODEL when `models` is empty)."""
+        """Fetch checkpoints into the Hugging Face cache (CLAP_MODEL and SPEAKER_MODEL when `models` is empty)."""
         from huggingface_hub import snapshot_download
 
         written = []
-        for name in list(models) or [cls.default_model]:
+        for name in list(models) or [cls.default_model, SPEAKER_MODEL]:
             repo = source_of(ModelSpec(cls.family, name), settings)
             if Path(repo).is_dir():
                 written.append(repo)
