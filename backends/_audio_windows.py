@@ -117,30 +117,38 @@ def window_rms_db(samples: np.ndarray, rate: int, spans: list[tuple[float, float
     return out
 
 
-def log_mel(samples: np.ndarray, extractor: Any) -> np.ndarray:
+def log_mel(samples: np.ndarray, extractor: Any, block_frames: int = 6000) -> np.ndarray:
     """Return CLAP's log-mel spectrogram of a whole file, (frames, mel bins) float32, as its extractor computes it.
 
     The same Hann-windowed power STFT (centred, reflect-padded), mel filter bank (the extractor's
-    HTK bank for fusion models, its Slaney bank otherwise) and dB scale, in torch: once per file
-    instead of once per window (the extractor's numpy STFT takes ~0.15 s per 10 s window).
+    HTK bank for fusion models, its Slaney bank otherwise) and dB scale, in float32 torch: once per
+    file instead of once per window (10 min at 48 kHz in 3.3 s on 2 shared cores; the extractor's numpy
+    STFT takes ~0.15 s per 10 s window, 90 s for that file's 2 s windows every 1 s). Frames are
+    computed `block_frames` at a time from the padded signal, so an hour at 48 kHz never holds more
+    than one block's complex spectrum (a whole-file STFT would be ~3 GB).
     """
     import torch
 
     n_fft = int(extractor.fft_window_size)
     hop = int(extractor.hop_length)
-    x = torch.from_numpy(np.asarray(samples, dtype=np.float64))
-    if x.numel() <= n_fft // 2:  # reflect padding needs more samples than half a frame
-        x = torch.nn.functional.pad(x, (0, n_fft // 2 + 1 - x.numel()))
-    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
-    spec = torch.stft(
-        x, n_fft, hop_length=hop, window=window, center=True, pad_mode="reflect", return_complex=True
-    )
-    power = spec.abs() ** 2
+    x = np.asarray(samples, dtype=np.float32)
+    if x.size <= n_fft // 2:  # reflect padding needs more samples than half a frame
+        x = np.pad(x, (0, n_fft // 2 + 1 - x.size))
+    padded = torch.from_numpy(np.pad(x, (n_fft // 2, n_fft // 2), mode="reflect"))
+    frames = 1 + x.size // hop
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float32)
     fusion = str(getattr(extractor, "truncation", "")) == "fusion"
-    bank = extractor.mel_filters if fusion else extractor.mel_filters_slaney
-    mel = torch.from_numpy(np.asarray(bank, dtype=np.float64)).T @ power
-    db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
-    return db.T.float().numpy()
+    bank = torch.from_numpy(
+        np.asarray(extractor.mel_filters if fusion else extractor.mel_filters_slaney, dtype=np.float32)
+    ).T
+    out = []
+    for first in range(0, frames, block_frames):
+        count = min(block_frames, frames - first)
+        piece = padded[first * hop : (first + count - 1) * hop + n_fft]
+        spec = torch.stft(piece, n_fft, hop_length=hop, window=window, center=False, return_complex=True)
+        db = 10.0 * torch.log10(torch.clamp(bank @ (spec.abs() ** 2), min=1e-10))
+        out.append(db.T.float().numpy())
+    return np.concatenate(out)
 
 
 def clap_window(mel: np.ndarray, start_frame: int, frames: int, total_frames: int) -> np.ndarray:
