@@ -55,6 +55,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	# the Docker build context (.dockerignore) stays the app's code: fails above a few MB
+	$(PY) scripts/context_size.py
 
 typecheck: setup
 	$(VENV)/bin/mypy
