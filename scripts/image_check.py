@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -190,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the warm-up")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    # the in-process answer must not see weights the image lacks (WEIGHTS=0): no cache of this host's
+    home = tempfile.mkdtemp(prefix="image-check-")
+    for name in ("HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME"):
+        os.environ[name] = f"{home}/{name.lower()}"
+    os.environ["HF_HUB_OFFLINE"] = "1"
     inspect = json.loads(args.inspect.read_text())
     summary: dict[str, Any] = {"flavour": args.flavour, "build_s": args.build_s}
     if args.images:
-        summary["size_gb"] = round(json.loads(args.images.read_text())[0]["size"] / 1e9, 2)
+        summary["size"] = json.loads(args.images.read_text())[0]["size"]  # buildah's "7.67 GB"
     problems = inspect_problems(inspect, args.flavour)
     if args.app_files:
         problems += app_files_problems(args.app_files.read_text().splitlines(), expected_app_files())

@@ -53,8 +53,13 @@ build_s=$(cat "$work/build_s")
 
 ctr=$("${bah[@]}" from "$image")
 server=""
+descendants() { local c; for c in $(ps -o pid= --ppid "$1"); do descendants "$c"; echo "$c"; done; }
 cleanup() {
-    [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
+    # buildah run, and the gunicorn master and workers it started (by their ids)
+    if [ -n "$server" ]; then
+        kill $(descendants "$server") "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+    fi
     "${bah[@]}" rm "$ctr" >/dev/null 2>&1 || true
     if [ "${KEEP:-0}" != 1 ]; then "${bah[@]}" rmi --force "$image" >/dev/null 2>&1 || true; fi
 }
