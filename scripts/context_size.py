@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     rules = parse(ignore.read_text(encoding="utf-8")) if ignore.exists() else []
     files = context_files(args.root, rules)
     code, wheels = split_sizes(files)
-    for path, size in files if args.list else sorted(files, key=lambda f: -f[1])[:5]:
+    code_files = [f for f in files if not (f[0].startswith(WHEELHOUSE + "/") and f[0].endswith(".whl"))]
+    for path, size in files if args.list else sorted(code_files, key=lambda f: -f[1])[:5]:
         sys.stdout.write(f"{size:>12,}  {path}\n")
     sys.stdout.write(
         f"build context: {len(files)} files, {code / 1e6:.2f} MB of code and other files"

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from scripts.context_size import excluded, parse
 from scripts.image_check import MIN_DRIVER
@@ -83,3 +84,15 @@ def test_minimum_driver_per_flavour_is_told_the_same_everywhere(path: str) -> No
     assert {f for f, _ in told} == {f for f, d in MIN_DRIVER.items() if d}, told
     for flavour, driver in told:
         assert MIN_DRIVER[flavour] == int(driver), (flavour, driver)
+
+
+@pytest.mark.parametrize(
+    ("path", "service"), [("docker-compose.yml", "ml-backend"), ("deploy/docker-compose.yml", "ml-gpu0")]
+)
+def test_compose_build_args_are_the_dockerfile_args_with_its_defaults(path: str, service: str) -> None:
+    build = yaml.safe_load((ROOT / path).read_text())["services"][service]["build"]
+    assert (ROOT / path).parent.joinpath(build["context"], "Dockerfile").resolve() == ROOT / "Dockerfile"
+    args = _args()
+    for name, value in build["args"].items():
+        assert value == f"${{{name}:-{args[name]}}}", (name, value)
+    assert set(build["args"]) == {"TORCH_CUDA", "WHEELHOUSE", "WEIGHTS"}
