@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,15 @@ def test_compose_build_args_are_the_dockerfile_args_with_its_defaults(path: str,
     for name, value in build["args"].items():
         assert value == f"${{{name}:-{args[name]}}}", (name, value)
     assert set(build["args"]) == {"TORCH_CUDA", "WHEELHOUSE", "WEIGHTS"}
+
+
+def test_wheelhouse_script_takes_only_the_dockerfile_flavours(tmp_path: Path) -> None:
+    script = (ROOT / "scripts" / "wheelhouse.sh").read_text()
+    (listed,) = re.findall(r"case \"\$flavour\" in ([^)]*)\)", script)
+    assert {f.strip() for f in listed.split("|")} == set(MIN_DRIVER)
+    env = {"PATH": "/usr/bin:/bin", "WHEELHOUSE_DIR": str(tmp_path / "w")}
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "wheelhouse.sh"), "cu999"], env=env, capture_output=True
+    )
+    assert done.returncode == 2 and b"cu126, cu128, cu130 or cpu" in done.stderr
+    assert not (tmp_path / "w").exists()
