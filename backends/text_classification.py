@@ -5,8 +5,8 @@ cross-encoder scores each (text, hypothesis) pair, a hypothesis per choice from 
 `model_hypothesis` template ("This example is {}." by default) and the choice's `predicted_values` or
 value; transformers' zero-shot-classification semantics (backends/_text_scores.py). The default model
 is TEXT_CLASSIFICATION_MODEL, else MoritzLaurer/deberta-v3-base-zeroshot-v2.0: a DeBERTa-v3 base
-cross-encoder trained for zero-shot classification on 33 datasets and synthetic data (MIT), near
-the large model's accuracy at a third of its cost, with tokenizer.json (no sentencepiece needed).
+cross-encoder (MIT) trained for exactly this task format (true / not true of a hypothesis), near the
+large model's accuracy at about a third of its cost (README: "Text classification").
 
 Supervised: any Hugging Face sequence-classification id (model_name="org/name" or
 "text_classification:<id>") or save_pretrained() folder (model_path); its id2label goes through the
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 KNOWN = {
     "nli": "MoritzLaurer/deberta-v3-base-zeroshot-v2.0",
     "nli-large": "MoritzLaurer/deberta-v3-large-zeroshot-v2.0",
+    "nli-c": "MoritzLaurer/deberta-v3-base-zeroshot-v2.0-c",  # commercially-friendly training data only
 }
 PREFIX = "text_classification:"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

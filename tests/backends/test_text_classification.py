@@ -266,3 +266,19 @@ def test_nli_classes_follow_transformers_pipeline() -> None:
     assert nli_classes(["entailment", "not_entailment"]) == (0, 1)
     assert nli_classes(["ENTAILMENT", "NEUTRAL", "CONTRADICTION"]) == (0, 2)
     assert nli_classes(["POS", "NEG"]) == (-1, 0)
+
+
+def test_weights_download_knows_the_default_model_and_hub_ids(tmp_path: Path) -> None:
+    from serving.cli.weights import _owner
+
+    assert _owner("nli", registry()) == "text_classification"
+    assert _owner("MoritzLaurer/deberta-v3-base-zeroshot-v2.0", registry()) == "text_classification"
+    (status,) = TextClassificationBackend.weights_status(Settings(model_dir=str(tmp_path)))
+    assert (status.model, status.present, status.url) == (
+        "nli",
+        False,
+        "MoritzLaurer/deberta-v3-base-zeroshot-v2.0",
+    )
+    # a local folder is already there: nothing to fetch
+    folder = save_model(tmp_path / "local")
+    assert TextClassificationBackend.download_weights([str(folder)], Settings()) == [str(folder)]
