@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from backends import _hf as hf
+from backends import _text_baseline as baseline
 from backends import _text_inputs as inputs
 from backends import _text_scores as scores
 from serving.contract import (
@@ -42,6 +43,8 @@ from serving.contract import (
     ModelSpec,
     ObjectTag,
     Target,
+    TrainingRun,
+    TrainResult,
     weights_fingerprint,
 )
 from serving.results import regions
@@ -225,6 +228,20 @@ class TextClassificationBackend(Backend):
             written.append(str(snapshot_download(repo, allow_patterns=patterns)))
         return written
 
+    # ---- training (backends/_text_train.py) ----
+    @classmethod
+    def trainable(cls, spec: ModelSpec, settings: Settings) -> str | None:
+        """Return None when the tag's model is here (a fine-tune starts from it; the CPU baseline needs nothing)."""
+        reason = cls.availability(spec, settings)
+        return f"cannot train: {reason}" if reason else None
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> TrainResult:
+        """Fine-tune a classifier for the config's tags (a new head), or fit the CPU baseline."""
+        from backends import _text_train
+
+        return _text_train.train(run, cls)
+
     # ---- runtime ----
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         """Store the spec; the model loads in load()."""
@@ -237,6 +254,10 @@ class TextClassificationBackend(Backend):
         self.multi_label = False
         self.class_names: list[str] = []
         self.input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+        self.pad_id = 0
+        self.baseline = False  # the hashed n-gram CPU baseline (backends/_text_baseline.py)
+        # a model trained here: which classes are each tag's (backends/_text_train.py)
+        self.groups: dict[str, dict[str, Any]] = {}
         self._tok_lock = threading.Lock()  # a fast tokenizer is not safe across the preprocess threads
 
     def load(self, device: str) -> None:
@@ -246,12 +267,18 @@ class TextClassificationBackend(Backend):
         folder = self._folder(self.spec, self.settings)
         if folder is None:
             raise FileNotFoundError(self.availability(self.spec, self.settings) or "checkpoint missing")
+        saved = _config(folder)
+        self.groups = dict(saved.get("lsml_groups") or {})
+        if baseline.is_baseline(saved):
+            self._load_baseline(folder, saved, device)
+            return
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
         config = self.model.config
         self.class_names = [str(config.id2label[i]) for i in range(int(config.num_labels))]
         self.multi_label = getattr(config, "problem_type", "") == "multi_label_classification"
-        self.entail, self.contra = nli_classes(self.class_names)
+        self.entail, self.contra = nli_classes(self.class_names) if not self.groups else (-1, 0)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
         limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         positions = int(getattr(config, "max_position_embeddings", 512) or 512)
         self.max_length = min(limit, positions) if 0 < limit < 100_000 else positions
@@ -268,6 +295,15 @@ class TextClassificationBackend(Backend):
             len(self.class_names),
             self.max_length,
         )
+
+    def _load_baseline(self, folder: Path, saved: dict[str, Any], device: str) -> None:
+        self.model, _ = baseline.load(folder)
+        self.model.to(device)
+        self.baseline = True
+        self.class_names = [str(saved["id2label"][str(i)]) for i in range(len(saved["id2label"]))]
+        self.input_names = ("input_ids",)
+        self.device = device
+        log.info("%s: %s (hashed n-gram baseline, %d classes)", self.spec.key, folder, len(self.class_names))
 
     @property
     def zero_shot_model(self) -> bool:
@@ -297,6 +333,8 @@ class TextClassificationBackend(Backend):
     def preprocess(self, item: Item) -> _Input:
         """Build the text's windows and every (window, hypothesis) pair of the item's targets, tokenized."""
         text = inputs.text_of(item).strip() or " "
+        if self.baseline:
+            return _Input([{"input_ids": baseline.features(text)}], [("", 1, 1)])
         mine = [t for t in item.targets if t.model == self.spec]
         specials = _specials(self.tokenizer)
         if not self.zero_shot_model:
@@ -346,7 +384,7 @@ class TextClassificationBackend(Backend):
         import torch
 
         longest = max(len(e["input_ids"]) for e in encodings)
-        pad = int(self.tokenizer.pad_token_id or 0)
+        pad = self.pad_id
         tensors = {}
         for key in encodings[0]:
             fill = pad if key == "input_ids" else 0
@@ -403,9 +441,14 @@ class TextClassificationBackend(Backend):
             cands = self._classes(target)
             if logits is None or not cands.names:
                 return None
-            probs = scores.classifier_probs(
-                logits, self._choice_of_class(target, cands), len(cands.names), self.multi_label
-            )
+            mapping = self._choice_of_class(target, cands)
+            multi_label = self.multi_label
+            group = self.groups.get(target.control.name)
+            if group:
+                # a model trained here: this tag's own classes, scored as they were trained
+                ids = [int(i) for i in group["classes"]]
+                logits, mapping, multi_label = logits[:, ids], mapping[ids], bool(group["multiple"])
+            probs = scores.classifier_probs(logits, mapping, len(cands.names), multi_label)
         return scores.Decision(scores.choose(target, probs, multiple), probs)
 
     def _classes(self, target: Target) -> inputs.Candidates:
