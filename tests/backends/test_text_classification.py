@@ -282,3 +282,23 @@ def test_weights_download_knows_the_default_model_and_hub_ids(tmp_path: Path) ->
     # a local folder is already there: nothing to fetch
     folder = save_model(tmp_path / "local")
     assert TextClassificationBackend.download_weights([str(folder)], Settings()) == [str(folder)]
+
+
+def test_a_multi_label_classifier_uses_sigmoids_and_taxonomy_nodes_leave_as_paths(tmp_path: Path) -> None:
+    labels = {0: "sports", 1: "music", 2: "politics"}
+    save_model(tmp_path / "model_dir" / "multi", labels, multi_label=True)
+    app, _ = app_for(tmp_path, tmp_path / "unused")
+    config = """<View><Text name="text" value="$text"/>
+      <Choices name="c" toName="text" model_path="multi" choice="multiple">
+        <Choice value="Sports"/><Choice value="Music"/><Choice value="Politics"/>
+      </Choices>
+      <Taxonomy name="topic" toName="text" model_path="multi">
+        <Choice value="Leisure"><Choice value="Sports"/><Choice value="Music" alias="mus"/></Choice>
+        <Choice value="Politics"/>
+      </Taxonomy></View>"""
+    (both,) = predict(app, config, [{"text": "music and sports"}])
+    sig = 1 / (1 + math.exp(-3.0))
+    got = answers(both)
+    assert got["c"] == (["Sports", "Music"], pytest.approx(sig))  # case-insensitive names
+    # the classifier's "sports" is the node Leisure > Sports ("music" maps to no node: its alias is "mus")
+    assert got["topic"] == ([["Leisure", "Sports"]], pytest.approx(sig))
