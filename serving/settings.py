@@ -96,6 +96,14 @@ class Settings:
     # Image embeddings of promptable models (SAM), per process, on the model's device: a SAM 2 image
     # is ~16 MB in fp32 (~8 MB fp16), so the default keeps about 32 images (64 in fp16).
     embedding_cache_bytes: int = 512 * 1024 * 1024
+    # GPU memory budget for the loaded models' weights (serving/inference/residency.py): least recently
+    # used idle models are offloaded to CPU memory to stay under it. GPU_MEMORY_BYTES wins when set (and
+    # applies on any device); else GPU_MEMORY_FRACTION of a CUDA device's memory (0 turns it off). The
+    # rest of the device is left for activations, embeddings and the CUDA context.
+    gpu_memory_fraction: float = 0.8
+    gpu_memory_bytes: int = 0
+    # How long a request waits for models in use to leave room on the device before its 503.
+    memory_wait_s: float = 5.0
     # URL fetching policy.
     allowed_hosts: tuple[str, ...] = ()  # empty = any host except the blocked ones
     allow_private_urls: bool = True  # LS itself usually lives on a private address

@@ -7,74 +7,27 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from serving.contract import Backend, Item, ModelSpec, ObjectTag, Target
-from serving.errors import InputError, ModelUnavailable, Overloaded
+from serving.errors import ModelUnavailable, Overloaded
 from serving.fetch.local import build_resolver
 from serving.fetch.lsclient import LabelStudioClient
 from serving.fetch.resolver import Resolver
 from serving.inference.batching import BULK, URGENT, Ticket
+from serving.inference.call import Call, TaskFailure, answer, config_schema
 from serving.inference.device import pick_device
 from serving.inference.metrics import Metrics
 from serving.inference.prepare import prepare
+from serving.inference.residency import Residency
 from serving.inference.slot import ModelSlot
+from serving.inference.task import TaskRun, postprocess
 from serving.plan.planner import Plan, Planner
 from serving.plan.version import plan_version
-from serving.results.regions import prediction_score
 from serving.settings import Settings
 from serving.util.embeddings import EmbeddingCache
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskFailure:
-    """Why one task got an empty (or partial) result."""
-
-    index: int
-    task_id: Any
-    reason: str
-
-
-@dataclass
-class _Call:
-    """One predict call: its tasks, the interactive context (None for a plain call), per-task results and reasons."""
-
-    tasks: Sequence[Any]
-    context: Mapping[str, Any] | None
-    deadline: float
-    timeout_s: float
-    results: list[list[dict[str, Any]]] = field(init=False)
-    reasons: dict[int, str] = field(default_factory=dict)
-    prompt_needed: set[int] = field(default_factory=set)  # answered without a result: a click is the input
-    lane: int = BULK  # the batchers' lane: URGENT for interactive calls and small requests
-    expired: bool = False  # the deadline passed: items not yet queued are dropped
-    queued: list[Future[Any]] = field(default_factory=list)  # batcher futures, cancelled at the deadline
-
-    def __post_init__(self) -> None:
-        self.results = [[] for _ in self.tasks]
-
-    @property
-    def late(self) -> str:
-        """Return the reason of a task whose prediction missed the deadline."""
-        return f"prediction did not finish within its deadline ({self.timeout_s:g} s, PREDICT_TIMEOUT_S)"
-
-    def fail_all(self, reason: str, prompt: bool = False) -> None:
-        """Give every task this reason unless it has one already."""
-        for i in range(len(self.tasks)):
-            self.reasons.setdefault(i, reason)
-            if prompt:
-                self.prompt_needed.add(i)
-
-
-class _Failed(Exception):
-    """A task's item got no regions: the reason its entry carries."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Runtime:
@@ -107,6 +60,8 @@ class Runtime:
         self._prefetching = 0
         # Image embeddings of promptable models, shared by every model of this process (one bound).
         self.embeddings = EmbeddingCache(self.settings.embedding_cache_bytes, self.metrics)
+        # Which loaded models stay on the device under the GPU memory budget (LRU offload of idle ones).
+        self.residency = Residency(self.settings, self.metrics)
         # The SDK's config parser takes ~1.5 s to import: do it off the request path so the
         # first /setup (Label Studio waits 3 s) answers in milliseconds.
         threading.Thread(target=_preimport, name="preimport", daemon=True).start()
@@ -171,7 +126,7 @@ class Runtime:
         return slot
 
     def _load(self, slot: ModelSlot) -> None:
-        slot.load(self.device, self.settings, self.metrics)
+        slot.load(self.device, self.settings, self.metrics, self.residency)
 
     def release(self, spec: ModelSpec, grace_s: float | None = None) -> None:
         """Forget a model no plan uses any more (a replaced trained version); free it after `grace_s`.
@@ -188,6 +143,7 @@ class Runtime:
         def close() -> None:
             if slot.batcher is not None:
                 slot.batcher.close()
+            self.residency.forget(spec.key)
             log.info("model %s released", spec.key)
 
         timer = threading.Timer(delay, close)
@@ -279,18 +235,18 @@ class Runtime:
         plan = plan or self.plan(label_config)
         timeout = self.settings.predict_timeout_s if timeout_s is None else timeout_s
         interactive = bool(context and isinstance(context, Mapping) and context.get("result"))
-        call = _Call(tasks, context if interactive else None, time.monotonic() + timeout, timeout)
+        call = Call(tasks, context if interactive else None, time.monotonic() + timeout, timeout)
         # interactive calls and small requests (an annotator opening a task) go ahead of big ones
         small = interactive or len(tasks) <= self.settings.small_request_tasks
         call.lane = URGENT if small else BULK
         groups = self._ready_groups(plan, call)
         if groups:
             self._run(call, groups)
-        schema = _schema(label_config)
+        schema = config_schema(label_config)
         version = self.model_version(plan)
-        return [self._answer(call, i, schema, version, failures) for i in range(len(tasks))]
+        return [answer(call, i, schema, version, failures, self.metrics) for i in range(len(tasks))]
 
-    def _ready_groups(self, plan: Plan, call: _Call) -> list[tuple[ModelSlot, ObjectTag, list[Target]]]:
+    def _ready_groups(self, plan: Plan, call: Call) -> list[tuple[ModelSlot, ObjectTag, list[Target]]]:
         """Return the plan's groups whose model is ready; give every task the reason of any that is not."""
         groups = []
         for spec, obj, targets in self._groups(plan, call.context):
@@ -313,10 +269,24 @@ class Runtime:
             elif slot.failed or slot.batcher is None:
                 call.fail_all(f"model {spec.key} is {slot.state}")
             else:
+                self._reserve(slot, call)
                 groups.append((slot, obj, targets))
         return groups
 
-    def _run(self, call: _Call, groups: list[tuple[ModelSlot, ObjectTag, list[Target]]]) -> None:
+    def _reserve(self, slot: ModelSlot, call: Call) -> None:
+        """Bring the model onto its device now, within the budget, or refuse the request (503).
+
+        Waits a few seconds at most for models in use to finish their batch: longer means the device
+        is held by other work, and Label Studio retries a 503 later.
+        """
+        wait = max(0.0, min(self.settings.memory_wait_s, call.deadline - time.monotonic()))
+        try:
+            self.residency.reserve(slot.spec.key, wait)
+        except Overloaded:
+            self.metrics.admission_rejected.labels(slot.spec.key).inc()
+            raise
+
+    def _run(self, call: Call, groups: list[tuple[ModelSlot, ObjectTag, list[Target]]]) -> None:
         """Run every task through every group: room in each model's queue first, then fetch and decode.
 
         Items are prepared only once their model has room for them, so the decoded images held are
@@ -340,11 +310,11 @@ class Runtime:
             for ticket in tickets:
                 if ticket is not None:
                     ticket.leave()
-        self._collect(call, finals)
+        call.collect(finals)
 
     def _admit(
         self,
-        call: _Call,
+        call: Call,
         groups: list[tuple[ModelSlot, ObjectTag, list[Target]]],
         tickets: list[Ticket | None],
         pool: ThreadPoolExecutor,
@@ -368,7 +338,7 @@ class Runtime:
 
     def _hand_out(
         self,
-        call: _Call,
+        call: Call,
         groups: list[tuple[ModelSlot, ObjectTag, list[Target]]],
         tickets: list[Ticket | None],
         pool: ThreadPoolExecutor,
@@ -392,163 +362,8 @@ class Runtime:
                 # count at zero while its siblings are still being handed to the pool (a split batch)
                 slot.add_pending(room)
                 for i in range(starts[g], starts[g] + room):
-                    finals.append((i, self._start(call, slot, obj, targets, i, pool)))
+                    finals.append((i, TaskRun(self, call, slot, obj, targets, i, pool).start()))
                 starts[g] += room
-
-    def _start(  # noqa: C901 (one task's pipeline as four small callbacks sharing `final`: mccabe adds them up)
-        self,
-        call: _Call,
-        slot: ModelSlot,
-        obj: ObjectTag,
-        targets: list[Target],
-        i: int,
-        pool: ThreadPoolExecutor,
-    ) -> Future[list[dict[str, Any]]]:
-        """Prepare task i in the pool, queue it on its model, post-process its output in the pool.
-
-        The returned future holds the task's regions, or a _Failed with the reason it has none.
-        The item's room (taken by the caller for a plain call) is given back if it is never queued.
-        """
-        final: Future[list[dict[str, Any]]] = Future()
-        batcher = slot.batcher
-        assert batcher is not None
-        plain = call.context is None
-
-        def fail(reason: str) -> None:
-            if not final.done():
-                final.set_exception(_Failed(reason))
-
-        def post(output: Any, item: Item) -> None:
-            try:
-                final.set_result(self._postprocess(slot, output, targets, item))
-            except InputError as exc:  # a bad prompt found on the model thread
-                fail(str(exc))
-            except Exception as exc:
-                log.exception("postprocess failed for task #%d", i)
-                fail(f"postprocess failed: {type(exc).__name__}: {exc}")
-
-        def forwarded(bfut: Future[Any], item: Item) -> None:
-            if bfut.cancelled():
-                fail(call.late)
-                return
-            exc = bfut.exception()
-            if exc is not None:
-                self.metrics.errors.labels(slot.spec.key, type(exc).__name__).inc()
-                fail(f"model {slot.spec.key} failed: {type(exc).__name__}: {exc}")
-                return
-            try:
-                pool.submit(post, bfut.result(), item)
-            except RuntimeError:  # the pool shut down (server stopping)
-                fail("the server is shutting down")
-
-        def prepare_and_queue() -> None:
-            queued = False
-            try:
-                if call.expired:
-                    fail(call.late)
-                    return
-                try:
-                    item, x = self._prepare(call.tasks[i], obj, slot.backend, call.context, targets)
-                except InputError as exc:
-                    fail(str(exc))
-                    return
-                except Exception as exc:
-                    log.exception("preprocess failed for task #%d", i)
-                    fail(f"preprocess failed: {type(exc).__name__}: {exc}")
-                    return
-                if not plain:
-                    self._interactive_task(call, i, slot, item, targets, x, final)
-                    return
-                if call.expired:
-                    fail(call.late)
-                    return
-                bfut = batcher.put(x, call.lane)
-                queued = True
-                call.queued.append(bfut)
-                bfut.add_done_callback(lambda f: forwarded(f, item))
-            finally:
-                if plain and not queued:
-                    batcher.release(1, call.lane)
-                # only once the item is queued: the batcher waits for company while some are coming
-                slot.add_pending(-1)
-
-        try:  # the caller counted this item in slot.pending; prepare_and_queue uncounts it
-            pool.submit(prepare_and_queue)
-        except RuntimeError:
-            slot.add_pending(-1)
-            if plain:
-                batcher.release(1, call.lane)
-            fail("the server is shutting down")
-        return final
-
-    def _interactive_task(
-        self,
-        call: _Call,
-        i: int,
-        slot: ModelSlot,
-        item: Item,
-        targets: list[Target],
-        x: Any,
-        final: Future[list[dict[str, Any]]],
-    ) -> None:
-        """Answer one interactive item (its prompt) in the calling pool thread, into `final`."""
-        assert call.context is not None
-        try:
-            final.set_result(self._interactive(slot, item, targets, call.context, x, call.deadline))
-        except InputError as exc:  # a bad prompt found by interactive() or on the model thread
-            final.set_exception(_Failed(str(exc)))
-        except Overloaded as exc:
-            final.set_exception(_Failed(exc.message))
-        except TimeoutError:
-            final.set_exception(_Failed(call.late))
-        except Exception as exc:
-            log.exception("postprocess failed for task #%d", i)
-            final.set_exception(_Failed(f"postprocess failed: {type(exc).__name__}: {exc}"))
-
-    def _collect(self, call: _Call, finals: list[tuple[int, Future[list[dict[str, Any]]]]]) -> None:
-        """Collect each task's regions until the deadline; past it, what is done is still answered."""
-        for i, final in finals:
-            wait = 0.0 if call.expired else max(0.1, call.deadline - time.monotonic())
-            try:
-                call.results[i].extend(final.result(timeout=wait))
-            except TimeoutError:
-                if not call.expired:
-                    # Past the deadline: what is queued is skipped by the batcher (cancelled), not
-                    # run for a request that stopped waiting; what is not yet prepared is dropped.
-                    call.expired = True
-                    for bfut in list(call.queued):
-                        bfut.cancel()
-                call.reasons.setdefault(i, call.late)
-            except _Failed as exc:
-                call.reasons.setdefault(i, exc.reason)
-
-    def _answer(
-        self, call: _Call, i: int, schema: Any, version: str, failures: list[TaskFailure] | None
-    ) -> dict[str, Any]:
-        """Return task i's prediction: its regions that pass the config's checks, or its failure."""
-        task = call.tasks[i] if isinstance(call.tasks[i], Mapping) else {}
-        items = call.results[i]
-        if schema is not None and items:
-            items, problems = _filter_valid(schema, items, task.get("data"), i)
-            if problems:
-                self.metrics.regions_dropped.labels("all").inc(len(problems))
-        reason = call.reasons.get(i)
-        if reason is None:
-            self.metrics.tasks.labels("ok").inc()
-            return {"result": items, "score": prediction_score(items), "model_version": version}
-        task_id = task.get("id")
-        if failures is not None:
-            failures.append(TaskFailure(i, task_id, reason))
-        if i in call.prompt_needed:  # expected (a Data Manager page lists many): not a failure
-            log.debug("task %s (#%d): %s", task_id, i, reason)
-            self.metrics.tasks.labels("prompt_needed").inc()
-        else:
-            log.warning("task %s (#%d): %s", task_id, i, reason)
-            self.metrics.tasks.labels("failed" if not items else "partial").inc()
-        if call.context is not None:
-            return {"result": [], "score": 0.0, "model_version": version, "error": reason}
-        # a partial result is not kept either: stored, it would never be completed
-        return {"model_version": version, "error": reason}
 
     def _groups(
         self, plan: Plan, context: Mapping[str, Any] | None
@@ -620,7 +435,8 @@ class Runtime:
         x: Any,
         deadline: float | None = None,
     ) -> list[dict[str, Any]]:
-        items = slot.backend.interactive(item, targets, context)
+        with self.residency.using(slot.spec.key):
+            items = slot.backend.interactive(item, targets, context)
         if items is not None:
             return items
         assert slot.batcher is not None
@@ -629,14 +445,7 @@ class Runtime:
         output = slot.batcher.submit(x, URGENT, deadline).result(
             timeout=max(0.1, deadline - time.monotonic())
         )
-        return self._postprocess(slot, output, targets, item)
-
-    @staticmethod
-    def _postprocess(slot: ModelSlot, output: Any, targets: list[Target], item: Item) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        for target in targets:
-            items.extend(slot.backend.postprocess(output, target, item))
-        return items
+        return postprocess(slot, output, targets, item)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the model threads and the pool; wait up to `timeout` s in all for the model threads.
@@ -662,19 +471,3 @@ def _preimport() -> None:
         import label_studio_sdk.label_interface  # noqa: F401
     except Exception as exc:  # reported again, with context, when a config is parsed
         log.warning("label_studio_sdk import failed: %s", exc)
-
-
-def _schema(label_config: str) -> Any:
-    try:
-        from serving.results.schema import ConfigSchema
-    except ImportError:  # pragma: no cover - validation module is part of the package
-        return None
-    return ConfigSchema.from_config(label_config)
-
-
-def _filter_valid(
-    schema: Any, items: list[dict[str, Any]], data: Any, index: int
-) -> tuple[list[dict[str, Any]], list[Any]]:
-    from serving.results.validation.checks import filter_valid
-
-    return filter_valid(schema, items, data if isinstance(data, Mapping) else None, index)
