@@ -81,6 +81,8 @@ class Settings:
     auto_route: bool = True
     # Zero-shot image classification (own-labels): a SigLIP / SigLIP 2 id or save_pretrained() folder.
     zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
+    # Text classification (Choices / Taxonomy on text): an NLI zero-shot or sequence-classification id or folder.
+    text_classification_model: str = ""  # "" = MoritzLaurer/deberta-v3-base-zeroshot-v2.0
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000

@@ -44,6 +44,8 @@ def prepare(
         _load_audio(item, value, task_id, backend, resolver)
     elif kind == "text" and obj.tag == "Paragraphs":
         item.value = _paragraphs(value, obj, task_id, resolver)
+    elif kind == "text" and obj.tag == "Table" and isinstance(value, (Mapping, list)):
+        item.value = value  # a Table shows an object's keys and values: the backend reads them
     elif kind == "text":
         if not isinstance(value, str):
             raise InputError(f"data['{obj.value_key}'] must be text or a URL, got {type(value).__name__}")

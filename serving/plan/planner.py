@@ -90,6 +90,7 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
         objects[obj.name] = ObjectTag(name=obj.name, tag=obj.tag, value_key=key, attrs=dict(obj.attr or {}))
 
     controls: list[ControlTag] = []
+    trees = _taxonomy_paths(label_config) if any(c.tag == "Taxonomy" for c in sdk_controls) else {}
     for ctrl in sdk_controls:
         to_names = list(ctrl.to_name or [])
         if not to_names:
@@ -115,9 +116,34 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
                 attrs=dict(ctrl.attr or {}),
                 predicted_values=predicted,
                 label_values=label_values,
+                paths=trees.get(ctrl.name, ()),
             )
         )
     return objects, controls
+
+
+def _taxonomy_paths(label_config: str) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Return each Taxonomy tag's nodes as paths from the root (the SDK lists its nodes flat)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError:
+        return {}
+    out: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for tree in root.iter("Taxonomy"):
+        paths: list[tuple[str, ...]] = []
+        stack: list[tuple[ET.Element, tuple[str, ...]]] = [(child, ()) for child in reversed(list(tree))]
+        while stack:
+            node, prefix = stack.pop()
+            if node.tag != "Choice":
+                continue
+            # Label Studio stores a node's alias when it has one, as it does for Choices
+            path = (*prefix, str(node.get("alias") or node.get("value") or ""))
+            paths.append(path)
+            stack.extend((child, path) for child in reversed(list(node)))
+        out[str(tree.get("name", ""))] = tuple(paths)
+    return out
 
 
 def _threshold(control: ControlTag, default: float) -> float:

@@ -437,6 +437,12 @@ def choices_item(
     )
 
 
+def taxonomy_item(target: Target, paths: Sequence[Sequence[str]], score: float) -> dict[str, Any]:
+    """Build a Taxonomy item: each chosen node as its path from the root."""
+    value = {"taxonomy": [list(path) for path in paths]}
+    return _base_item(target, target.control.name, "taxonomy", value, new_id(), score, None)
+
+
 def rating_item(target: Target, rating: int, score: float) -> dict[str, Any]:
     """Build a whole-object rating item (1..maxRating)."""
     return _base_item(target, target.control.name, "rating", {"rating": int(rating)}, new_id(), score, None)
