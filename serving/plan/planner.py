@@ -192,10 +192,13 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         unclaimed = [c for c in remaining if c.to_name == obj.name and c.name not in linked_names]
         if settings.auto_route:
             routed, unserved = route_object(obj, claimed, unclaimed, all_on_obj, settings, families)
-            taken = {r.claim.control.name for r in routed}
+            # a routed claim's linked per-region tags (choices, textarea) are filled by it too
+            taken = {r.claim.control.name for r in routed} | {
+                c.name for r in routed for role, c in r.claim.linked.items() if role != "labels"
+            }
             remaining = [c for c in remaining if c.name not in taken]
             routes.extend(r.route for r in routed)
-            routes.extend(unserved)
+            routes.extend(u for u in unserved if u.control not in taken)
             plan_claims = [(r.family, r.cls, r.claim) for r in routed]
         else:
             plan_claims = claimed

@@ -474,8 +474,10 @@ def audio_segment_items(
     label: str,
     text: str | None = None,
     region_id: str | None = None,
+    choices: Sequence[str] | None = None,
+    choice_score: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Build the items of one audio region: the labeled segment (seconds) and its per-region text.
+    """Build the items of one audio region: the labeled segment (seconds), its per-region text and choices.
 
     Times are clamped into [0, duration] (what Label Studio's player can show); `original_length`
     carries the duration so that validation can check the region against it.
@@ -496,6 +498,11 @@ def audio_segment_items(
                 target, textarea.name, "textarea", {**geometry, "text": [text]}, region_id, score, None
             )
         )
+    linked_choices = target.linked.get("choices")
+    if linked_choices is not None and choices:
+        value = {**geometry, "choices": list(choices)}
+        own = score if choice_score is None else choice_score
+        items.append(_base_item(target, linked_choices.name, "choices", value, region_id, own, None))
     for item in items:
         item["original_length"] = round(float(duration), 3)
     return items
