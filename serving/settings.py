@@ -81,6 +81,8 @@ class Settings:
     auto_route: bool = True
     # Zero-shot image classification (own-labels): a SigLIP / SigLIP 2 id or save_pretrained() folder.
     zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
+    # Zero-shot NER (own-labels): a GLiNER hub id or save_pretrained() folder.
+    zero_shot_ner_model: str = ""  # "" = urchade/gliner_multi-v2.1
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
