@@ -83,6 +83,8 @@ class Settings:
     zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
     # Zero-shot NER (own-labels): a GLiNER hub id or save_pretrained() folder.
     zero_shot_ner_model: str = ""  # "" = urchade/gliner_multi-v2.1
+    # Extractive QA (own-labels): a question-answering hub id or save_pretrained() folder.
+    qa_model: str = ""  # "" = deepset/roberta-base-squad2
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
