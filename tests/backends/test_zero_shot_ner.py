@@ -85,8 +85,8 @@ def predict(app: Flask, config: str, data: list[dict[str, Any]]) -> list[dict[st
     results: list[dict[str, Any]] = resp.get_json()["results"]
     assert len(results) == len(tasks)
     schema = ConfigSchema.from_config(config)
-    for prediction in results:
-        valid, problems = filter_valid(schema, prediction["result"])
+    for prediction, task in zip(results, tasks, strict=True):
+        valid, problems = filter_valid(schema, prediction["result"], task["data"])
         assert valid == prediction["result"] and not problems
     return results
 
@@ -217,3 +217,23 @@ def test_long_texts_are_windowed_with_exact_offsets(tmp_path: Path, gliner: Path
     rows = [len(words) for call in backend.planted.calls for words in call]
     # 105 words in windows of 24 overlapping by 6, plus the short text: every window at most 24 words
     assert len(rows) == 7 and max(rows) == 24
+
+
+def test_dynamic_labels_prompt_each_task_with_its_own_list(tmp_path: Path, gliner: Path) -> None:
+    config = '<View><Labels name="ner" toName="text" value="$entities"/><Text name="text" value="$text"/></View>'
+    plan = build_plan(config, Settings(zero_shot_ner_model=str(gliner), ner_engine="spacy"), families())
+    assert [(r.family, r.labels) for r in plan.routes] == [("zero_shot_ner", ())]
+    assert "$entities" in plan.routes[0].reason
+    app, _ = app_for(tmp_path, gliner)
+    text = "Jane Doe of Acme Corp"
+    first, second = predict(
+        app,
+        config,
+        [
+            {"text": text, "entities": [{"value": "Company", "html": "<b>Company</b>"}]},
+            {"text": text, "entities": [{"value": "Customer"}, {"value": "City"}]},
+        ],
+    )
+    # each task's own labels, and only those (the validator checks them against the same list)
+    assert spans(first) == [(12, 21, "Acme Corp", "Company", sigmoid(3.0))]
+    assert spans(second) == [(0, 8, "Jane Doe", "Customer", sigmoid(4.0))]
