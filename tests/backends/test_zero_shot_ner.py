@@ -220,7 +220,9 @@ def test_long_texts_are_windowed_with_exact_offsets(tmp_path: Path, gliner: Path
 
 
 def test_dynamic_labels_prompt_each_task_with_its_own_list(tmp_path: Path, gliner: Path) -> None:
-    config = '<View><Labels name="ner" toName="text" value="$entities"/><Text name="text" value="$text"/></View>'
+    config = (
+        '<View><Labels name="ner" toName="text" value="$entities"/><Text name="text" value="$text"/></View>'
+    )
     plan = build_plan(config, Settings(zero_shot_ner_model=str(gliner), ner_engine="spacy"), families())
     assert [(r.family, r.labels) for r in plan.routes] == [("zero_shot_ner", ())]
     assert "$entities" in plan.routes[0].reason
