@@ -13,13 +13,15 @@ APT_PACKAGES := tesseract-ocr tesseract-ocr-eng libtesseract-dev libleptonica-de
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-gliner.txt
 	@$(MAKE) --no-print-directory apt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, alone, so no other requirement can pull a different build
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	# GLiNER declares an older transformers than ours: without its deps (requirements-gliner.txt)
+	$(PIP) install -q --no-deps -r requirements-gliner.txt
 	touch $@
 
 # The optional Ray batch engine (requirements-ray.txt); `make test` installs it so CI runs its tests.

@@ -55,6 +55,9 @@ class ObjectTag:
     tag: str
     value_key: str
     attrs: Mapping[str, str] = field(default_factory=dict)
+    # (name, tag, value_key) of the config's other object tags: what a family reads beside this one
+    # (a QA passage's question Text)
+    others: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

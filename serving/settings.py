@@ -91,6 +91,10 @@ class Settings:
     zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
     # Text classification (Choices / Taxonomy on text): an NLI zero-shot or sequence-classification id or folder.
     text_classification_model: str = ""  # "" = MoritzLaurer/deberta-v3-base-zeroshot-v2.0
+    # Zero-shot NER (own-labels): a GLiNER hub id or save_pretrained() folder.
+    zero_shot_ner_model: str = ""  # "" = urchade/gliner_multi-v2.1
+    # Extractive QA (own-labels): a question-answering hub id or save_pretrained() folder.
+    qa_model: str = ""  # "" = deepset/roberta-base-squad2
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000

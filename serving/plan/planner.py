@@ -88,6 +88,8 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
         value = str(obj.value or "")
         key = value[1:] if value.startswith("$") else ""
         objects[obj.name] = ObjectTag(name=obj.name, tag=obj.tag, value_key=key, attrs=dict(obj.attr or {}))
+    every = tuple((o.name, o.tag, o.value_key) for o in objects.values())
+    objects = {n: replace(o, others=tuple(e for e in every if e[0] != n)) for n, o in objects.items()}
 
     controls: list[ControlTag] = []
     trees = _taxonomy_paths(label_config) if any(c.tag == "Taxonomy" for c in sdk_controls) else {}
