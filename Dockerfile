@@ -51,15 +51,17 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-COPY requirements.txt requirements-ray.txt ./
+COPY requirements.txt requirements-ray.txt requirements-gliner.txt ./
 # torch first, alone, from its flavour's index (WHEELHOUSE=1: from ./wheelhouse alone), so no other
 # requirement can pull a different build;
+# GLiNER without its deps (it declares an older transformers; requirements-gliner.txt says why);
 # ray[data] too: the same image serves, runs batch jobs and joins a Ray cluster (docs/SCALING.md).
 # The last line fails the build when the installed torch is not the flavour asked for.
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     if [ "$WHEELHOUSE" = 1 ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
     && pip install --index-url "$TORCH_INDEX_URL" torch==2.14.1 torchvision==0.29.1 \
     && pip install -r requirements.txt -r requirements-ray.txt \
+    && pip install --no-deps -r requirements-gliner.txt \
     && python -c "import sys, torch; cuda = torch.version.cuda; want = sys.argv[1]; \
 got = 'cpu' if cuda is None else 'cu' + cuda.replace('.', ''); print('torch', torch.__version__, got); \
 sys.exit(0 if got == want else f'torch is {got}, TORCH_CUDA={want}')" "$TORCH_CUDA"
@@ -72,12 +74,16 @@ COPY --chown=lsml:lsml serving/ serving/
 COPY --chown=lsml:lsml model.py _wsgi.py gunicorn.conf.py ./
 USER 1000
 
-# The default weights (torchvision, Hugging Face) into the image; WEIGHTS=0 leaves them to a volume.
+# The default weights (torchvision, Hugging Face) into the image, the zero-shot families' included, so any
+# project's own labels are served out of the box; the language models (llm, vlm: several GB) are fetched
+# by name where wanted. WEIGHTS=0 leaves them all to a volume.
 RUN if [ "$WEIGHTS" = 1 ]; then \
         python -m serving weights download \
             --model fasterrcnn_resnet50_fpn_v2 --model maskrcnn_resnet50_fpn_v2 --model keypointrcnn_resnet50_fpn \
             --model deeplabv3_resnet50 --model resnet50 --model dslim/bert-base-NER \
-            --model facebook/sam2.1-hiera-tiny --model grounding_dino --model owlv2; \
+            --model facebook/sam2.1-hiera-tiny --model grounding_dino --model owlv2 --model dfine_l \
+            --model siglip2 --model nli --model urchade/gliner_multi-v2.1 --model deepset/roberta-base-squad2 \
+            --model clap --model whisper; \
     else echo "WEIGHTS=0: no weights in the image, mount them at /data/weights"; fi
 
 VOLUME ["/data/model_dir"]

@@ -19,4 +19,5 @@ mkdir -p "$dir"
 # torch first, from its flavour's index; the rest then finds it in the folder and takes no other build
 "$py" -m pip download --dest "$dir" --index-url "$index" torch==2.14.1 torchvision==0.29.1
 "$py" -m pip download --dest "$dir" --find-links "$dir" -r requirements.txt -r requirements-ray.txt
+"$py" -m pip download --dest "$dir" --no-deps -r requirements-gliner.txt
 du -sh "$dir"
