@@ -204,35 +204,8 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
             plan_claims = [(r.family, r.cls, r.claim) for r in routed]
         else:
             plan_claims = claimed
-            for family, _cls, claim in claimed:
-                source = label_source(claim)
-                routes.append(
-                    Route(
-                        claim.control.name,
-                        claim.control.tag,
-                        obj.name,
-                        family,
-                        claim.model_name,
-                        source.labels,
-                        "claimed by tag (AUTO_ROUTE=false)",
-                    )
-                )
-        for family, cls, claim in plan_claims:
-            labels_source = label_source(claim)
-            label_map = LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases)
-            spec = ModelSpec(family=family, name=claim.model_name, path=claim.model_path)
-            targets.append(
-                Target(
-                    control=claim.control,
-                    obj=obj,
-                    model=spec,
-                    label_map=label_map,
-                    threshold=_threshold(claim.control, cls.default_threshold),
-                    linked=dict(claim.linked),
-                    readonly=_is_true(claim.control.attr("model_readonly")),
-                    hidden=_is_true(claim.control.attr("model_hidden")),
-                )
-            )
+            routes.extend(_tag_route(obj, family, claim) for family, _cls, claim in claimed)
+        targets.extend(_target(obj, family, cls, claim) for family, cls, claim in plan_claims)
     unfilled = tuple(f"{c.name} ({c.tag})" for c in remaining if c.name not in linked_names)
     plan = Plan(
         config_hash=config_hash(label_config),
@@ -255,6 +228,35 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
     for route in plan.routes:
         log.info("config %s: %s", plan.config_hash, route.line())
     return plan
+
+
+def _tag_route(obj: ObjectTag, family: str, claim: Claim) -> Route:
+    """Return the route of a tag its family claimed by itself (AUTO_ROUTE=false)."""
+    source = label_source(claim)
+    return Route(
+        claim.control.name,
+        claim.control.tag,
+        obj.name,
+        family,
+        claim.model_name,
+        source.labels,
+        "claimed by tag (AUTO_ROUTE=false)",
+    )
+
+
+def _target(obj: ObjectTag, family: str, cls: type[Backend], claim: Claim) -> Target:
+    """Return the plan's target of one claim: its model, label map, threshold and linked tags."""
+    labels_source = label_source(claim)
+    return Target(
+        control=claim.control,
+        obj=obj,
+        model=ModelSpec(family=family, name=claim.model_name, path=claim.model_path),
+        label_map=LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases),
+        threshold=_threshold(claim.control, cls.default_threshold),
+        linked=dict(claim.linked),
+        readonly=_is_true(claim.control.attr("model_readonly")),
+        hidden=_is_true(claim.control.attr("model_hidden")),
+    )
 
 
 class Planner:
