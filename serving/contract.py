@@ -38,6 +38,8 @@ class ControlTag:
     predicted_values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # config label -> its <Label value>, for labels named by an alias (Label Studio stores the alias)
     label_values: Mapping[str, str] = field(default_factory=dict)
+    # Taxonomy: every node as its path from the root (alias or value per node, as Label Studio stores them)
+    paths: tuple[tuple[str, ...], ...] = ()
 
     def attr(self, key: str, default: str = "") -> str:
         """Return a tag attribute, looked up case-insensitively."""
@@ -53,6 +55,9 @@ class ObjectTag:
     tag: str
     value_key: str
     attrs: Mapping[str, str] = field(default_factory=dict)
+    # (name, tag, value_key) of the config's other object tags: what a family reads beside this one
+    # (a QA passage's question Text)
+    others: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

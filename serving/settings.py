@@ -76,11 +76,25 @@ class Settings:
     # Audio transcription (backends/audio_transcription.py): the checkpoint "whisper" names. Turbo is
     # large-v3 with 4 decoder layers: multilingual, near large-v3's accuracy, several times faster to decode.
     whisper_model: str = "openai/whisper-large-v3-turbo"
+    # Audio classification and sound events (backends/audio_classification.py): the checkpoint "clap"
+    # names. LAION's later CLAP, trained on general audio, music and speech (the audio templates need all three).
+    clap_model: str = "laion/larger_clap_general"
+    sound_event_window_s: float = 2.0  # Labels on audio: each window scored on its own...
+    sound_event_hop_s: float = 1.0  # ...every this many seconds (regions snap to hop boundaries)
+    # Speaker segmentation (Labels whose labels name speakers): an audio frame classification checkpoint.
+    # NVIDIA's Nemotron 3 Diarization: 8 speakers, 10 ms frames, transformers-native, not gated (pyannote is).
+    speaker_model: str = "nvidia/Nemotron-3-Diarization"
     # Label routing (own-labels, serving/plan/routing.py): labels no closed-vocabulary model knows go
     # to a zero-shot model prompted by them; false = every tag keeps the family that claims its tag.
     auto_route: bool = True
     # Zero-shot image classification (own-labels): a SigLIP / SigLIP 2 id or save_pretrained() folder.
     zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
+    # Text classification (Choices / Taxonomy on text): an NLI zero-shot or sequence-classification id or folder.
+    text_classification_model: str = ""  # "" = MoritzLaurer/deberta-v3-base-zeroshot-v2.0
+    # Zero-shot NER (own-labels): a GLiNER hub id or save_pretrained() folder.
+    zero_shot_ner_model: str = ""  # "" = urchade/gliner_multi-v2.1
+    # Extractive QA (own-labels): a question-answering hub id or save_pretrained() folder.
+    qa_model: str = ""  # "" = deepset/roberta-base-squad2
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000

@@ -437,6 +437,12 @@ def choices_item(
     )
 
 
+def taxonomy_item(target: Target, paths: Sequence[Sequence[str]], score: float) -> dict[str, Any]:
+    """Build a Taxonomy item: each chosen node as its path from the root."""
+    value = {"taxonomy": [list(path) for path in paths]}
+    return _base_item(target, target.control.name, "taxonomy", value, new_id(), score, None)
+
+
 def rating_item(target: Target, rating: int, score: float) -> dict[str, Any]:
     """Build a whole-object rating item (1..maxRating)."""
     return _base_item(target, target.control.name, "rating", {"rating": int(rating)}, new_id(), score, None)
@@ -468,8 +474,10 @@ def audio_segment_items(
     label: str,
     text: str | None = None,
     region_id: str | None = None,
+    choices: Sequence[str] | None = None,
+    choice_score: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Build the items of one audio region: the labeled segment (seconds) and its per-region text.
+    """Build the items of one audio region: the labeled segment (seconds), its per-region text and choices.
 
     Times are clamped into [0, duration] (what Label Studio's player can show); `original_length`
     carries the duration so that validation can check the region against it.
@@ -490,6 +498,11 @@ def audio_segment_items(
                 target, textarea.name, "textarea", {**geometry, "text": [text]}, region_id, score, None
             )
         )
+    linked_choices = target.linked.get("choices")
+    if linked_choices is not None and choices:
+        value = {**geometry, "choices": list(choices)}
+        own = score if choice_score is None else choice_score
+        items.append(_base_item(target, linked_choices.name, "choices", value, region_id, own, None))
     for item in items:
         item["original_length"] = round(float(duration), 3)
     return items
