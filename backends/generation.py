@@ -309,7 +309,13 @@ class TextGenerationBackend(_Generation):
 
     @classmethod
     def wants(cls, control: ControlTag, on_object: Sequence[ControlTag], settings: Settings) -> bool:
-        """Unnamed: a TextArea when a model can answer or it is all the object has; Choices when a model can answer."""
+        """Unnamed: a TextArea when a model can answer or it is all the object has; Choices with an LLM prompt.
+
+        A Choices tag without `model_prompt` is text classification's (backends/text_classification.py,
+        reached through label routing): a zero-shot classifier scores every choice, which a reply cannot.
+        """
+        if control.tag == "Choices" and not control.attr("model_prompt").strip():
+            return False
         if cls._ready(settings):
             return True
         return control.tag == "TextArea" and all(c.tag == "TextArea" for c in on_object)

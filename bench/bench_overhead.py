@@ -53,20 +53,25 @@ STAGES: list[tuple[str, str]] = [
     ("load_image", "fetch + decode"),
     ("prepare", "preparation (task data, preprocess)"),
     ("Runtime._postprocess", "post-processing (regions)"),
+    ("TaskRun._post", "post-processing (regions)"),
     ("plan_version", "model_version hashing"),
     ("Planner.plan", "planning"),
     ("from_config", "config schema"),
     ("Runtime._answer", "answer (score, entry)"),
+    ("answer", "answer (score, entry)"),
     ("jsonify", "JSON encode (answer)"),
     ("json_body", "JSON decode (request)"),
     ("predict_concurrently", "bench client (request, decode answer)"),
     ("Batcher.", "batcher (gather, hand-off)"),
     ("Runtime.", "runtime (admission, hand-offs, collect)"),
+    ("TaskRun.", "runtime (admission, hand-offs, collect)"),
+    ("Call.", "runtime (admission, hand-offs, collect)"),
+    ("Residency.", "runtime (admission, hand-offs, collect)"),
     ("_worker", "thread pool hand-offs"),
     ("Flask.", "HTTP (Flask, werkzeug)"),
 ]
 IDLE = {"_worker", "wait", "Condition.wait", "_wait_for_tstate_lock", "select", "Event.wait", ""}
-APP = ("predict_blueprint", "Runtime.", "Batcher.", "predict_concurrently", "_worker")
+APP = ("predict_blueprint", "Runtime.", "TaskRun.", "Call.", "Batcher.", "predict_concurrently", "_worker")
 
 
 class PlantedDetector(Backend):

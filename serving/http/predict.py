@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -54,23 +55,7 @@ def predict_blueprint(model: ModelService) -> Blueprint:
     @bp.post("/predict")
     def predict() -> Response:
         body = json_body()
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list):
-            raise BadRequest("'tasks' must be a list of Label Studio tasks")
-        if not tasks:
-            raise BadRequest("'tasks' is empty; send at least one task")
-        if len(tasks) > settings.max_tasks_per_request:
-            raise PayloadTooLarge(
-                f"{len(tasks)} tasks in one request; the limit is {settings.max_tasks_per_request} "
-                "(MAX_TASKS_PER_REQUEST). Use POST /batch for large imports"
-            )
-        label_config = body.get("label_config")
-        if label_config is not None and not isinstance(label_config, str):
-            raise BadRequest("'label_config' must be the labeling config XML as a string")
-        params = body.get("params")
-        context = params.get("context") if isinstance(params, dict) else None
-        if context is not None and not isinstance(context, dict):
-            raise BadRequest("'params.context' must be an object or null")
+        tasks, label_config, params, context = _predict_body(body, settings.max_tasks_per_request)
         results = model.predict_request(
             tasks,
             context=context,
@@ -94,3 +79,27 @@ def predict_blueprint(model: ModelService) -> Blueprint:
         return jsonify(spec())
 
     return bp
+
+
+def _predict_body(
+    body: dict[str, Any], max_tasks: int
+) -> tuple[list[Any], str | None, Any, dict[str, Any] | None]:
+    """Return a /predict body's tasks, label_config, params and context, or raise the 4xx that says what is wrong."""
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise BadRequest("'tasks' must be a list of Label Studio tasks")
+    if not tasks:
+        raise BadRequest("'tasks' is empty; send at least one task")
+    if len(tasks) > max_tasks:
+        raise PayloadTooLarge(
+            f"{len(tasks)} tasks in one request; the limit is {max_tasks} "
+            "(MAX_TASKS_PER_REQUEST). Use POST /batch for large imports"
+        )
+    label_config = body.get("label_config")
+    if label_config is not None and not isinstance(label_config, str):
+        raise BadRequest("'label_config' must be the labeling config XML as a string")
+    params = body.get("params")
+    context = params.get("context") if isinstance(params, dict) else None
+    if context is not None and not isinstance(context, dict):
+        raise BadRequest("'params.context' must be an object or null")
+    return tasks, label_config, params, context

@@ -55,6 +55,12 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        self._cache_metrics()
+        self._admission_metrics()
+        self._memory_metrics()
+
+    def _cache_metrics(self) -> None:
+        """Image embeddings of promptable models and chunks of split requests."""
         # Image embeddings of promptable models (serving/util/embeddings.py), per model.
         self.embedding_hits = Counter(
             "lsml_embedding_cache_hits_total",
@@ -88,6 +94,8 @@ class Metrics:
             registry=self.registry,
         )
 
+    def _admission_metrics(self) -> None:
+        """Requests waiting for room in a model's queue, their wait and the refused ones."""
         # Admission (issue #32): requests waiting for room in a model's queue.
         self.admission_waiting = Gauge(
             "lsml_admission_waiting_items",
@@ -105,6 +113,25 @@ class Metrics:
         self.admission_rejected = Counter(
             "lsml_admission_rejected_total",
             "Requests refused (503) because their items could not get through the queue in time",
+            ["backend"],
+            registry=self.registry,
+        )
+
+    def _memory_metrics(self) -> None:
+        """The GPU memory budget: models on the device, their bytes, offloads (serving/inference/residency.py)."""
+        self.resident_models = Gauge(
+            "lsml_resident_models",
+            "Loaded models whose weights are on the model device",
+            registry=self.registry,
+        )
+        self.resident_bytes = Gauge(
+            "lsml_resident_bytes",
+            "Bytes of model weights on the model device (counted against the GPU memory budget)",
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "lsml_model_evictions_total",
+            "Idle models offloaded to CPU memory to make room under the GPU memory budget",
             ["backend"],
             registry=self.registry,
         )

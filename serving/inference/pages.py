@@ -50,6 +50,7 @@ def split(tasks: Sequence[Any], objects: dict[str, str]) -> tuple[list[Any], Pag
             owner.append(i)
             page.append(-1)
             continue
+        assert isinstance(data, Mapping)  # lists is empty otherwise
         for k in range(count):
             one = {key: pages[min(k, len(pages) - 1)] for key, pages in lists.items()}
             out.append({**task, "data": {**data, **one}})

@@ -43,8 +43,12 @@ def prepare(
         item.original_size = item.image.info.get(ORIGINAL_SIZE)
     elif kind == "audio":
         _load_audio(item, value, task_id, backend, resolver)
+    elif kind == "video":
+        _load_video(item, value, task_id, backend, resolver)
     elif kind == "text" and obj.tag == "Paragraphs":
         item.value = _paragraphs(value, obj, task_id, resolver)
+    elif kind == "text" and obj.tag == "Table" and isinstance(value, (Mapping, list)):
+        item.value = value  # a Table shows an object's keys and values: the backend reads them
     elif kind == "text":
         if not isinstance(value, str):
             raise InputError(f"data['{obj.value_key}'] must be text or a URL, got {type(value).__name__}")
@@ -120,6 +124,18 @@ def _load_audio(item: Item, value: Any, task_id: int | None, backend: Backend, r
         )
     audio = resolver.load_audio(value, task_id, sample_rate=backend.audio_rate())
     item.audio, item.sample_rate = audio.samples, audio.sample_rate
+
+
+def _load_video(item: Item, value: Any, task_id: int | None, backend: Backend, resolver: Resolver) -> None:
+    """Decode the task's sampled video frames into the item (InputError for a value that is no URL)."""
+    if not isinstance(value, str):
+        raise InputError(
+            f"data['{item.obj.value_key}'] must be a video URL or path, got {type(value).__name__}"
+        )
+    video = resolver.load_video(value, task_id, sampling=backend.video_sampling(item))
+    item.frames, item.frame_indices = video.frames, video.indices
+    item.fps, item.frame_count, item.video_duration = video.fps, video.frame_count, video.duration
+    item.video_size = video.size
 
 
 def _paragraphs(value: Any, obj: ObjectTag, task_id: int | None, resolver: Resolver) -> list[Any]:

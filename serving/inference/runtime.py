@@ -20,6 +20,7 @@ from serving.inference.call import Call, TaskFailure, answer, config_schema
 from serving.inference.device import pick_device
 from serving.inference.metrics import Metrics
 from serving.inference.prepare import prepare
+from serving.inference.residency import Residency
 from serving.inference.slot import ModelSlot
 from serving.inference.task import TaskRun, postprocess
 from serving.plan.planner import Plan, Planner
@@ -60,6 +61,8 @@ class Runtime:
         self._prefetching = 0
         # Image embeddings of promptable models, shared by every model of this process (one bound).
         self.embeddings = EmbeddingCache(self.settings.embedding_cache_bytes, self.metrics)
+        # Which loaded models stay on the device under the GPU memory budget (LRU offload of idle ones).
+        self.residency = Residency(self.settings, self.metrics)
         # The SDK's config parser takes ~1.5 s to import: do it off the request path so the
         # first /setup (Label Studio waits 3 s) answers in milliseconds.
         threading.Thread(target=_preimport, name="preimport", daemon=True).start()
@@ -124,7 +127,7 @@ class Runtime:
         return slot
 
     def _load(self, slot: ModelSlot) -> None:
-        slot.load(self.device, self.settings, self.metrics)
+        slot.load(self.device, self.settings, self.metrics, self.residency)
 
     def release(self, spec: ModelSpec, grace_s: float | None = None) -> None:
         """Forget a model no plan uses any more (a replaced trained version); free it after `grace_s`.
@@ -141,6 +144,7 @@ class Runtime:
         def close() -> None:
             if slot.batcher is not None:
                 slot.batcher.close()
+            self.residency.forget(spec.key)
             log.info("model %s released", spec.key)
 
         timer = threading.Timer(delay, close)
@@ -271,8 +275,22 @@ class Runtime:
             elif slot.failed or slot.batcher is None:
                 call.fail_all(f"model {spec.key} is {slot.state}")
             else:
+                self._reserve(slot, call)
                 groups.append((slot, obj, targets))
         return groups
+
+    def _reserve(self, slot: ModelSlot, call: Call) -> None:
+        """Bring the model onto its device now, within the budget, or refuse the request (503).
+
+        Waits a few seconds at most for models in use to finish their batch: longer means the device
+        is held by other work, and Label Studio retries a 503 later.
+        """
+        wait = max(0.0, min(self.settings.memory_wait_s, call.deadline - time.monotonic()))
+        try:
+            self.residency.reserve(slot.spec.key, wait)
+        except Overloaded:
+            self.metrics.admission_rejected.labels(slot.spec.key).inc()
+            raise
 
     def _run(self, call: Call, groups: list[tuple[ModelSlot, ObjectTag, list[Target]]]) -> None:
         """Run every task through every group: room in each model's queue first, then fetch and decode.
@@ -423,7 +441,8 @@ class Runtime:
         x: Any,
         deadline: float | None = None,
     ) -> list[dict[str, Any]]:
-        items = slot.backend.interactive(item, targets, context)
+        with self.residency.using(slot.spec.key):
+            items = slot.backend.interactive(item, targets, context)
         if items is not None:
             return items
         assert slot.batcher is not None

@@ -11,8 +11,9 @@ from typing import Any
 
 from serving.contract import Backend, ModelSpec
 from serving.inference.batching import Batcher
-from serving.inference.device import torch_context
+from serving.inference.device import free_cuda_cache, is_oom, torch_context
 from serving.inference.metrics import Metrics
+from serving.inference.residency import Residency
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,16 @@ class ModelSlot:
         """Return True when the model cannot serve."""
         return self.state.startswith("unavailable")
 
-    def load(self, device: str, settings: Settings, metrics: Metrics) -> None:
+    def load(self, device: str, settings: Settings, metrics: Metrics, residency: Residency) -> None:
         """Load the model on `device` and start the batcher that owns it (in the slot's load thread)."""
         started = time.perf_counter()
         backend = self.backend
         try:
-            with _LOAD_LOCK:
-                backend.load(device)
+            self._load_backend(device, residency)
             backend.device = getattr(backend, "device", None) or device
             self.batcher = Batcher(
                 self.spec.key,
-                _forward_fn(backend, device, settings.fp16 and type(backend).fp16),
+                _forward_fn(self.spec.key, backend, device, settings.fp16 and type(backend).fp16, residency),
                 max_batch_size=settings.max_batch_size or type(backend).max_batch_size,
                 max_wait_ms=settings.max_wait_ms,
                 queue_size=settings.queue_size,
@@ -70,6 +70,12 @@ class ModelSlot:
                 on_wait=metrics.observe_wait,
                 max_waiting=settings.max_waiting_items,
             )
+            batcher = self.batcher
+            reason = residency.loaded(self.spec.key, backend, device, lambda: batcher.depth > 0)
+            if reason:
+                batcher.close()
+                self.state = f"unavailable: {reason}"
+                return
             self.state = "ready"
             self.load_seconds = time.perf_counter() - started
             log.info("model %s ready on %s in %.1f s", self.spec.key, device, self.load_seconds)
@@ -80,12 +86,29 @@ class ModelSlot:
         finally:
             self.ready.set()
 
+    def _load_backend(self, device: str, residency: Residency) -> None:
+        """Load the weights; out of device memory, offload every idle model and try once more."""
+        with _LOAD_LOCK:
+            try:
+                self.backend.load(device)
+            except Exception as exc:
+                if not is_oom(exc) or not residency.offload_idle():
+                    raise
+                free_cuda_cache()
+                log.warning(
+                    "model %s: out of memory while loading; idle models offloaded, loading again",
+                    self.spec.key,
+                )
+                self.backend.load(device)
 
-def _forward_fn(backend: Backend, device: str, fp16: bool) -> Callable[[list[Any]], list[Any]]:
-    """Return the batcher's forward: the backend's, under its lock and the device's autocast."""
+
+def _forward_fn(
+    key: str, backend: Backend, device: str, fp16: bool, residency: Residency
+) -> Callable[[list[Any]], list[Any]]:
+    """Return the batcher's forward: the backend's, on the device (within the budget), under its lock and autocast."""
 
     def run(batch: list[Any]) -> list[Any]:
-        with backend.lock, torch_context(device, fp16):
+        with residency.using(key), backend.lock, torch_context(device, fp16):
             return backend.forward(batch)
 
     return run

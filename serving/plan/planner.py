@@ -92,6 +92,7 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
     objects = {n: replace(o, others=tuple(e for e in every if e[0] != n)) for n, o in objects.items()}
 
     controls: list[ControlTag] = []
+    trees = _taxonomy_paths(label_config) if any(c.tag == "Taxonomy" for c in sdk_controls) else {}
     for ctrl in sdk_controls:
         to_names = list(ctrl.to_name or [])
         if not to_names:
@@ -117,9 +118,34 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
                 attrs=dict(ctrl.attr or {}),
                 predicted_values=predicted,
                 label_values=label_values,
+                paths=trees.get(ctrl.name, ()),
             )
         )
     return objects, controls
+
+
+def _taxonomy_paths(label_config: str) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Return each Taxonomy tag's nodes as paths from the root (the SDK lists its nodes flat)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError:
+        return {}
+    out: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for tree in root.iter("Taxonomy"):
+        paths: list[tuple[str, ...]] = []
+        stack: list[tuple[ET.Element, tuple[str, ...]]] = [(child, ()) for child in reversed(list(tree))]
+        while stack:
+            node, prefix = stack.pop()
+            if node.tag != "Choice":
+                continue
+            # Label Studio stores a node's alias when it has one, as it does for Choices
+            path = (*prefix, str(node.get("alias") or node.get("value") or ""))
+            paths.append(path)
+            stack.extend((child, path) for child in reversed(list(node)))
+        out[str(tree.get("name", ""))] = tuple(paths)
+    return out
 
 
 def _threshold(control: ControlTag, default: float) -> float:
@@ -168,42 +194,18 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         unclaimed = [c for c in remaining if c.to_name == obj.name and c.name not in linked_names]
         if settings.auto_route:
             routed, unserved = route_object(obj, claimed, unclaimed, all_on_obj, settings, families)
-            taken = {r.claim.control.name for r in routed}
+            # a routed claim's linked per-region tags (choices, textarea) are filled by it too
+            taken = {r.claim.control.name for r in routed} | {
+                c.name for r in routed for role, c in r.claim.linked.items() if role != "labels"
+            }
             remaining = [c for c in remaining if c.name not in taken]
             routes.extend(r.route for r in routed)
-            routes.extend(unserved)
+            routes.extend(u for u in unserved if u.control not in taken)
             plan_claims = [(r.family, r.cls, r.claim) for r in routed]
         else:
             plan_claims = claimed
-            for family, _cls, claim in claimed:
-                source = label_source(claim)
-                routes.append(
-                    Route(
-                        claim.control.name,
-                        claim.control.tag,
-                        obj.name,
-                        family,
-                        claim.model_name,
-                        source.labels,
-                        "claimed by tag (AUTO_ROUTE=false)",
-                    )
-                )
-        for family, cls, claim in plan_claims:
-            labels_source = label_source(claim)
-            label_map = LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases)
-            spec = ModelSpec(family=family, name=claim.model_name, path=claim.model_path)
-            targets.append(
-                Target(
-                    control=claim.control,
-                    obj=obj,
-                    model=spec,
-                    label_map=label_map,
-                    threshold=_threshold(claim.control, cls.default_threshold),
-                    linked=dict(claim.linked),
-                    readonly=_is_true(claim.control.attr("model_readonly")),
-                    hidden=_is_true(claim.control.attr("model_hidden")),
-                )
-            )
+            routes.extend(_tag_route(obj, family, claim) for family, _cls, claim in claimed)
+        targets.extend(_target(obj, family, cls, claim) for family, cls, claim in plan_claims)
     unfilled = tuple(f"{c.name} ({c.tag})" for c in remaining if c.name not in linked_names)
     plan = Plan(
         config_hash=config_hash(label_config),
@@ -226,6 +228,35 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
     for route in plan.routes:
         log.info("config %s: %s", plan.config_hash, route.line())
     return plan
+
+
+def _tag_route(obj: ObjectTag, family: str, claim: Claim) -> Route:
+    """Return the route of a tag its family claimed by itself (AUTO_ROUTE=false)."""
+    source = label_source(claim)
+    return Route(
+        claim.control.name,
+        claim.control.tag,
+        obj.name,
+        family,
+        claim.model_name,
+        source.labels,
+        "claimed by tag (AUTO_ROUTE=false)",
+    )
+
+
+def _target(obj: ObjectTag, family: str, cls: type[Backend], claim: Claim) -> Target:
+    """Return the plan's target of one claim: its model, label map, threshold and linked tags."""
+    labels_source = label_source(claim)
+    return Target(
+        control=claim.control,
+        obj=obj,
+        model=ModelSpec(family=family, name=claim.model_name, path=claim.model_path),
+        label_map=LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases),
+        threshold=_threshold(claim.control, cls.default_threshold),
+        linked=dict(claim.linked),
+        readonly=_is_true(claim.control.attr("model_readonly")),
+        hidden=_is_true(claim.control.attr("model_hidden")),
+    )
 
 
 class Planner:

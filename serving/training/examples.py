@@ -187,6 +187,8 @@ def _example(
     task_id = task.get("id")
     if control.tag == "Labels" and obj.tag == "Text":
         return _text_example(task_id, value, items, target, allowed, stats, load_text)
+    if control.tag in ("Choices", "Taxonomy") and obj.tag in TEXT_OBJECTS:
+        return _text_choices_example(task_id, value, items, target, allowed, stats, load_text)
     if not isinstance(value, str):
         return None
     if control.tag == "Choices":
@@ -206,6 +208,49 @@ def _example(
         return None
     stats.regions += len(boxes)
     return Example(task_id, control.name, obj.name, image=value, boxes=tuple(boxes))
+
+
+TEXT_OBJECTS = frozenset({"Text", "HyperText", "Paragraphs", "Table"})
+
+
+def _text_choices_example(
+    task_id: Any,
+    value: Any,
+    items: Sequence[Mapping[str, Any]],
+    target: Target,
+    allowed: frozenset[str],
+    stats: ExportStats,
+    load_text: Callable[[str, Any], str] | None,
+) -> Example | None:
+    """Return the choices of a Choices / Taxonomy tag on a text object (a Taxonomy path as its last node).
+
+    `text` is the object's value: the text (read from its URL when valueType="url"), or the JSON of a
+    Paragraphs list / Table object, which the family turns into what the annotator saw.
+    """
+    control, obj = target.control, target.obj
+    if isinstance(value, str) and str(obj.attrs.get("valueType", "")).lower() == "url" and load_text:
+        try:
+            value = load_text(value, task_id)
+        except InputError as exc:
+            stats.drop(f"task {task_id}: text not readable: {exc}")
+            return None
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    key = "taxonomy" if control.tag == "Taxonomy" else "choices"
+    choices: tuple[str, ...] = ()
+    for item in items:
+        if item.get("from_name") != control.name:
+            continue
+        raw = item["value"].get(key)
+        if key == "taxonomy":
+            paths = raw if isinstance(raw, list) else []
+            raw = [p[-1] for p in paths if isinstance(p, list) and p]
+        picked = _labels_in({key: raw}, key, allowed)
+        if isinstance(picked, str):
+            stats.drop(f"task {task_id}: {picked}")
+            continue
+        choices = tuple(picked)
+    stats.regions += 1 if choices else 0
+    return Example(task_id, control.name, obj.name, text=text, choices=choices)
 
 
 def _text_example(

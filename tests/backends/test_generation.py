@@ -36,10 +36,10 @@ TRANSLATION_CONFIG = """<View>
 </View>"""
 CHOICES_CONFIG = """<View>
   <Text name="text" value="$text"/>
-  <Choices name="sentiment" toName="text" choice="single">
+  <Choices name="sentiment" toName="text" choice="single" model_name="llm">
     <Choice value="Positive"/><Choice value="Negative"/><Choice value="Neutral"/>
   </Choices>
-  <Choices name="topics" toName="text" choice="multiple">
+  <Choices name="topics" toName="text" choice="multiple" model_name="llm">
     <Choice value="Food"/><Choice value="Service"/><Choice value="Price"/>
   </Choices>
 </View>"""

@@ -85,19 +85,21 @@ def test_image_choices_stay_the_classifiers_unless_named(bare: Settings) -> None
 
 
 def test_text_choices_and_notes_only_with_a_model(bare: Settings, tmp_path: Path) -> None:
-    """NER keeps Labels; Choices and a TextArea beside them are generated only where a model can answer."""
-    assert _owners(TEXT_WITH_SPANS, bare) == {"ner": "ner"}
+    """NER keeps Labels; a TextArea beside them is generated only where a model can answer.
+
+    Choices naming no model are text classification's (zero-shot), with or without a language model.
+    """
+    assert _owners(TEXT_WITH_SPANS, bare) == {"ner": "ner", "sentiment": "text_classification"}
     ready = _with_models(bare, tmp_path)
     assert _owners(TEXT_WITH_SPANS, ready) == {
         "ner": "ner",
-        "sentiment": "text_generation",
+        "sentiment": "text_classification",
         "notes": "text_generation",
     }
     # a server configured counts as a model that can answer; tags then name it
     remote = bare.with_(llm_base_url="http://127.0.0.1:1/v1", llm_model="m")
     plan = build_plan(TEXT_WITH_SPANS, remote, registry())
     assert {t.control.name: t.model.name for t in plan.targets if t.model.family == "text_generation"} == {
-        "sentiment": "openai",
         "notes": "openai",
     }
 

@@ -22,11 +22,12 @@ from serving.results.validation.problems import (
     is_number,
 )
 from serving.results.validation.spans import SpanChecks
+from serving.results.validation.video import VideoChecks
 
 log = logging.getLogger(__name__)
 
 
-class _Checker(GeometryChecks, SpanChecks):
+class _Checker(GeometryChecks, SpanChecks, VideoChecks):
     """Collect the problems of one list of items (one prediction or annotation)."""
 
     def item(self, item: Any, region_items: Mapping[str, set[str]], ids: set[str]) -> list[Problem]:
@@ -119,6 +120,8 @@ class _Checker(GeometryChecks, SpanChecks):
     ) -> list[Problem]:
         if obj.tag in IMAGE_OBJECTS:
             return self.image_geometry(item, control, value)
+        if obj.tag == "Video":
+            return self.video_region(item, control, obj, value)
         if not control.tag.endswith("Labels"):
             return []
         if obj.tag in SPAN_TEXT_OBJECTS:
