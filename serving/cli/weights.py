@@ -76,15 +76,22 @@ def download(settings: Settings, families: Mapping[str, type[Backend]], models: 
 
 
 def _owner(model: str, families: Mapping[str, type[Backend]]) -> str | None:
-    """Return the family that downloads a model name: one that names it, before a catch-all family.
+    """Return the family that downloads a model name: one that lists it, else one that names it, before a catch-all.
 
-    NER accepts any name (a spaCy package or a Hugging Face id), so a SAM or Grounding DINO id would
-    otherwise be fetched twice; a family that accepts a name no model has is a catch-all.
+    NER takes any name (a spaCy package or a Hugging Face id) and text classification any hub id, so a
+    SAM or Grounding DINO id would otherwise be fetched twice or by the wrong family; a family that
+    accepts a name or a hub id no model has is a catch-all.
     """
+    listed = [family for family, cls in families.items() if model in cls.model_names()]
+    if listed:
+        return listed[0]
     accepting = [family for family, cls in families.items() if cls.accepts_model(model)]
-    specific = [f for f in accepting if not families[f].accepts_model("\x00 no such model")]
+    specific = [f for f in accepting if not any(families[f].accepts_model(x) for x in _NO_SUCH_MODELS)]
     chosen = specific or accepting
     return chosen[0] if chosen else None
+
+
+_NO_SUCH_MODELS = ("\x00 no such model", "no-such-org-0/no-such-model-0")
 
 
 def run(

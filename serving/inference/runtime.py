@@ -44,6 +44,7 @@ class Runtime:
         self.settings = settings
         self.planner = Planner(self.settings, families)
         self.families = self.planner.families
+        self._unrouted: Planner | None = None  # plans without label routing: what trained models serve
         self.metrics = metrics or Metrics()
         self._resolver = resolver
         self._slots: dict[str, ModelSlot] = {}
@@ -94,9 +95,13 @@ class Runtime:
             self._device = pick_device(self.settings)
         return self._device
 
-    def plan(self, label_config: str) -> Plan:
-        """Return the cached plan of a labeling config."""
-        return self.planner.plan(label_config)
+    def plan(self, label_config: str, routed: bool = True) -> Plan:
+        """Return the cached plan of a labeling config (`routed=False`: each tag kept by the family claiming it)."""
+        if routed or not self.settings.auto_route:
+            return self.planner.plan(label_config)
+        if self._unrouted is None:
+            self._unrouted = Planner(self.settings.with_(auto_route=False), self.families)
+        return self._unrouted.plan(label_config)
 
     def family(self, spec: ModelSpec) -> type[Backend]:
         """Return the Backend class of a spec's family."""

@@ -41,14 +41,20 @@ class Plan:
             seen.setdefault(target.model.key, target.model)
         return tuple(seen.values())
 
-    def with_models(self, models: Mapping[str, ModelSpec]) -> Plan:
-        """Return this plan with the models keyed by their current key replaced (trained versions)."""
-        if not any(t.model.key in models for t in self.targets):
+    def with_trained(self, unrouted: Plan, models: Mapping[str, ModelSpec]) -> Plan:
+        """Return this plan with trained models in, each serving every label of its tags (what it was trained on).
+
+        `unrouted` is the same config planned without label routing (the plan a training job uses):
+        its targets of the trained models replace this plan's targets of their tags, zero-shot routes
+        of those tags' labels included.
+        """
+        taken = [t for t in unrouted.targets if t.model.key in models]
+        if not taken:
             return self
-        targets = tuple(
-            replace(t, model=models[t.model.key]) if t.model.key in models else t for t in self.targets
-        )
-        return replace(self, targets=targets)
+        names = {t.control.name for t in taken}
+        kept = [t for t in self.targets if t.control.name not in names]
+        trained = [replace(t, model=models[t.model.key]) for t in taken]
+        return replace(self, targets=tuple(kept + trained))
 
     def targets_of(self, key: str) -> tuple[Target, ...]:
         """Return the targets a model (by key) fills."""

@@ -199,7 +199,9 @@ class ModelService:
         if key is None:
             return base
         trained = self.trained_models(key)
-        base_keys = {spec.key for spec in base.specs}
+        # trained models serve every label of their tags, as the job planned them (without routing)
+        unrouted = self.runtime.plan(label_config, routed=False) if trained else base
+        base_keys = {spec.key for spec in unrouted.specs}
         relevant = {k: spec for k, spec in trained.items() if k in base_keys}
         slot_key = (key, base.config_hash)
         with self._lock:
@@ -208,7 +210,7 @@ class ModelService:
             if active is None or active is not base:
                 self._swap(slot_key, base)  # remembered: a later trained version swaps in once loaded
             return base
-        wanted = base.with_models(relevant)
+        wanted = base.with_trained(unrouted, relevant)
         wanted_keys = [spec.key for spec in wanted.specs]
         if active is not None and [spec.key for spec in active.specs] == wanted_keys:
             if not self._failed(active):
@@ -427,7 +429,8 @@ class ModelService:
         if isinstance(config, str):
             plan = self.runtime.plan(config)
             base = self.runtime.model_version(plan)
-            current = self.runtime.model_version(plan.with_models(self.trained_models(key)))
+            unrouted = self.runtime.plan(config, routed=False)
+            current = self.runtime.model_version(plan.with_trained(unrouted, self.trained_models(key)))
         versions: list[str] = []
         for version in (current, *(t["model_version"] for t in trained), base):
             if isinstance(version, str) and version not in versions:

@@ -192,7 +192,9 @@ def _trainable(
     reason = cls.trainable(job.spec, settings)
     if reason:
         raise TrainingFailed(reason)
-    plan = build_plan(job.config, settings, families)
+    # Without label routing: fine-tuning teaches the model every label of its tags, the ones no
+    # pretrained class knows first of all (routing would hand those to a zero-shot model).
+    plan = build_plan(job.config, settings.with_(auto_route=False), families)
     targets = plan.targets_of(job.model_key)
     if not targets:
         raise TrainingFailed(f"the labeling config no longer uses {job.model_key}")
@@ -275,7 +277,9 @@ def _train(
     if not (output / model_path).exists() or not any((output / "model").iterdir()):
         raise TrainingFailed(f"{cls.family}.train() wrote no {model_path} into its output folder")
     trained_spec = dataclasses.replace(job.spec, path=str(output / model_path), trained="new")
-    model_version = plan_version(plan.with_models({job.model_key: trained_spec}), families, settings)
+    # the version the project is then served with: its routed plan, this model serving all its tags' labels
+    served = build_plan(job.config, settings, families).with_trained(plan, {job.model_key: trained_spec})
+    model_version = plan_version(served, families, settings)
     manifest = {
         "job_id": job.id,
         "model_version": model_version,
