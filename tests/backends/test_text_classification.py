@@ -272,7 +272,16 @@ def test_weights_download_knows_the_default_model_and_hub_ids(tmp_path: Path) ->
     from serving.cli.weights import _owner
 
     assert _owner("nli", registry()) == "text_classification"
-    assert _owner("MoritzLaurer/deberta-v3-base-zeroshot-v2.0", registry()) == "text_classification"
+    assert _owner("text_classification:MoritzLaurer/deberta-v3-base-zeroshot-v2.0", registry()) == (
+        "text_classification"
+    )
+    assert _owner("dslim/bert-base-NER", registry()) == "ner"  # a plain id stays NER's download
+    # a hub id on a Choices tag is ours; its /setup command names it with the prefix
+    config = SENTIMENT.format(attrs=' model_name="org/my-classifier"')
+    (target,) = build_plan(config, Settings(model_dir=str(tmp_path)), registry()).targets
+    assert (target.model.family, target.model.name) == ("text_classification", "org/my-classifier")
+    reason = TextClassificationBackend.availability(target.model, Settings(model_dir=str(tmp_path)))
+    assert reason is not None and "--model text_classification:org/my-classifier" in reason
     (status,) = TextClassificationBackend.weights_status(Settings(model_dir=str(tmp_path)))
     assert (status.model, status.present, status.url) == (
         "nli",
