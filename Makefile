@@ -9,17 +9,19 @@ PORT ?= 9090
 WARMUP ?= ner,ocr
 APT_PACKAGES := tesseract-ocr tesseract-ocr-eng libtesseract-dev libleptonica-dev pkg-config nginx
 
-.PHONY: run test test-fast lint typecheck dockerlint setup setup-ray setup-yolo apt weights bench bench-cpu e2e-setup clean
+.PHONY: run test test-fast lint typecheck dockerlint image-test setup setup-ray setup-yolo apt weights bench bench-cpu e2e-setup clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-gliner.txt
 	@$(MAKE) --no-print-directory apt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, alone, so no other requirement can pull a different build
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	# GLiNER declares an older transformers than ours: without its deps (requirements-gliner.txt)
+	$(PIP) install -q --no-deps -r requirements-gliner.txt
 	touch $@
 
 # The optional Ray batch engine (requirements-ray.txt); `make test` installs it so CI runs its tests.
@@ -55,6 +57,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	# the Docker build context (.dockerignore) stays the app's code: fails above a few MB
+	$(PY) scripts/context_size.py
 
 typecheck: setup
 	$(VENV)/bin/mypy
@@ -63,6 +67,11 @@ dockerlint: setup apt
 	$(VENV)/bin/hadolint --ignore DL3008 --ignore DL3013 Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml deploy/docker-compose.yml
 	$(PY) deploy/check_nginx.py
+
+# Build the Docker image for real with buildah (root, ~25 GB disk, 15-25 min; not in CI: docs/DOCKER.md),
+# run the server inside it on CPU and check /health, /setup and /predict against the in-process server.
+image-test: setup
+	bash scripts/image_test.sh
 
 # Label Studio 1.23.2 in its own venv (.cache/ls-venv, reused) and Debian's chromium, for tests/e2e.
 e2e-setup:

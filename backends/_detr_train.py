@@ -124,32 +124,11 @@ def train_detr(run: TrainingRun, folder: Path) -> TrainResult:
         images, targets = [], []
         for i in chunk:
             tensor, boxes, names = cache.get(i, train[i])
-            height, width = tensor.shape[-2:]
-            xyxy = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) / torch.tensor(
-                [width, height, width, height], dtype=torch.float32
+            image, target = _example(
+                tensor, boxes, [label_index[n] for n in names], rng.random() < 0.5, device
             )
-            image = tensor.float().div(255.0)
-            if rng.random() < 0.5:  # horizontal flip
-                image = image.flip(-1)
-                xyxy = torch.stack([1 - xyxy[:, 2], xyxy[:, 1], 1 - xyxy[:, 0], xyxy[:, 3]], 1)
-            cxcywh = torch.stack(
-                [
-                    (xyxy[:, 0] + xyxy[:, 2]) / 2,
-                    (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                    xyxy[:, 2] - xyxy[:, 0],
-                    xyxy[:, 3] - xyxy[:, 1],
-                ],
-                1,
-            ).clamp(0.0, 1.0)
-            images.append(_pixels(image[None].to(device), size, mean, std)[0])
-            targets.append(
-                {
-                    "class_labels": torch.as_tensor(
-                        [label_index[n] for n in names], dtype=torch.int64, device=device
-                    ),
-                    "boxes": cxcywh.to(device),
-                }
-            )
+            images.append(_pixels(image[None], size, mean, std)[0])
+            targets.append(target)
         with opt.autocast():
             out = model(pixel_values=torch.stack(images), labels=targets)
         opt.step(out.loss, max_norm=0.1)
@@ -160,14 +139,48 @@ def train_detr(run: TrainingRun, folder: Path) -> TrainResult:
         run, len(train), batch_size, epochs, step, opt.writer(model), seed=SEED, begin_epoch=model.train
     )
     model.eval()
-    out_dir = Path(run.output_dir)
-    model.save_pretrained(out_dir)
-    if processor is not None:
-        processor.save_pretrained(out_dir)
-    else:
-        from transformers import RTDetrImageProcessor
-
-        RTDetrImageProcessor(size={"height": size[1], "width": size[0]}).save_pretrained(out_dir)
+    _save(model, processor, size, Path(run.output_dir))
     with torch.inference_mode():
         metrics = detection_scores(Detect(model, size, mean, std), cache, train, held_out, labels, device)
     return TrainResult("", metrics)
+
+
+def _example(
+    tensor: Any, boxes: Any, classes: list[int], flip: bool, device: str
+) -> tuple[Any, dict[str, Any]]:
+    """Return one training image (0..1, maybe flipped) on `device` and its DETR target (normalised cxcywh)."""
+    import torch
+
+    height, width = tensor.shape[-2:]
+    xyxy = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) / torch.tensor(
+        [width, height, width, height], dtype=torch.float32
+    )
+    image = tensor.float().div(255.0)
+    if flip:  # horizontal flip
+        image = image.flip(-1)
+        xyxy = torch.stack([1 - xyxy[:, 2], xyxy[:, 1], 1 - xyxy[:, 0], xyxy[:, 3]], 1)
+    cxcywh = torch.stack(
+        [
+            (xyxy[:, 0] + xyxy[:, 2]) / 2,
+            (xyxy[:, 1] + xyxy[:, 3]) / 2,
+            xyxy[:, 2] - xyxy[:, 0],
+            xyxy[:, 3] - xyxy[:, 1],
+        ],
+        1,
+    ).clamp(0.0, 1.0)
+    target = {
+        "class_labels": torch.as_tensor(classes, dtype=torch.int64, device=device),
+        "boxes": cxcywh.to(device),
+    }
+    return image.to(device), target
+
+
+def _save(model: Any, processor: Any, size: tuple[int, int], out_dir: Path) -> None:
+    """Write the fine-tuned model and a processor for its input size (a folder the family serves)."""
+    model.save_pretrained(out_dir)
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+        return
+    from transformers import RTDetrImageProcessor
+
+    RTDetrImageProcessor(size={"height": size[1], "width": size[0]}).save_pretrained(out_dir)

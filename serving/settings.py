@@ -76,6 +76,14 @@ class Settings:
     # Audio transcription (backends/audio_transcription.py): the checkpoint "whisper" names. Turbo is
     # large-v3 with 4 decoder layers: multilingual, near large-v3's accuracy, several times faster to decode.
     whisper_model: str = "openai/whisper-large-v3-turbo"
+    # Audio classification and sound events (backends/audio_classification.py): the checkpoint "clap"
+    # names. LAION's later CLAP, trained on general audio, music and speech (the audio templates need all three).
+    clap_model: str = "laion/larger_clap_general"
+    sound_event_window_s: float = 2.0  # Labels on audio: each window scored on its own...
+    sound_event_hop_s: float = 1.0  # ...every this many seconds (regions snap to hop boundaries)
+    # Speaker segmentation (Labels whose labels name speakers): an audio frame classification checkpoint.
+    # NVIDIA's Nemotron 3 Diarization: 8 speakers, 10 ms frames, transformers-native, not gated (pyannote is).
+    speaker_model: str = "nvidia/Nemotron-3-Diarization"
     # Label routing (own-labels, serving/plan/routing.py): labels no closed-vocabulary model knows go
     # to a zero-shot model prompted by them; false = every tag keeps the family that claims its tag.
     auto_route: bool = True
@@ -83,6 +91,10 @@ class Settings:
     zero_shot_image_model: str = ""  # "" = google/siglip2-base-patch16-224
     # Text classification (Choices / Taxonomy on text): an NLI zero-shot or sequence-classification id or folder.
     text_classification_model: str = ""  # "" = MoritzLaurer/deberta-v3-base-zeroshot-v2.0
+    # Zero-shot NER (own-labels): a GLiNER hub id or save_pretrained() folder.
+    zero_shot_ner_model: str = ""  # "" = urchade/gliner_multi-v2.1
+    # Extractive QA (own-labels): a question-answering hub id or save_pretrained() folder.
+    qa_model: str = ""  # "" = deepset/roberta-base-squad2
     # Limits (safe defaults, all overridable).
     max_request_bytes: int = 64 * 1024 * 1024
     max_tasks_per_request: int = 5000
@@ -92,6 +104,19 @@ class Settings:
     max_text_chars: int = 2_000_000
     # Audio families: longer audio is refused while decoding (an hour of 16 kHz mono float32 is 230 MB).
     max_audio_seconds: float = 3600.0
+    # Video families (serving/fetch/video.py): frames sampled per second (0 = every frame), at most
+    # VIDEO_MAX_FRAMES per video (the stride widens to cover the whole clip), shrunk to VIDEO_FRAME_MAX_SIDE:
+    # the frames of one video held at once stay under 300 x 1024 x 576 x 3 bytes = 530 MB by default.
+    video_sample_fps: float = 5.0
+    video_max_frames: int = 300
+    video_frame_max_side: int = 1024
+    max_video_seconds: float = 3600.0
+    # Video tracking (backends/video_tracking.py): a track unseen this long ends (ByteTrack's buffer).
+    video_track_buffer_s: float = 1.0
+    # Interactive tracking (SAM 2 video, the SAM_MODEL checkpoint): frames a drawn box is tracked forward.
+    video_track_frames: int = 60
+    # TimelineLabels on Video (backends/video_classification.py): per-frame scores smoothed over this long.
+    video_timeline_smooth_s: float = 1.0
     cache_max_bytes: int = 512 * 1024 * 1024
     # Image embeddings of promptable models (SAM), per process, on the model's device: a SAM 2 image
     # is ~16 MB in fp32 (~8 MB fp16), so the default keeps about 32 images (64 in fp16).

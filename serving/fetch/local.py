@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import mimetypes
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -20,7 +20,8 @@ from serving.errors import InputError
 from serving.fetch.audio import Audio, decode_audio
 from serving.fetch.cache import Fetched
 from serving.fetch.decode import ImageDecoder, Shrink
-from serving.fetch.resolver import Resolver
+from serving.fetch.resolver import Resolver, video_sampling
+from serving.fetch.video import Sampling, Video, decode_video
 from serving.settings import Settings
 
 
@@ -77,6 +78,18 @@ class LocalFileResolver:
         """Return mono float32 audio at sample_rate (file:// decoded by the same decoder as a download)."""
         if not (isinstance(value, str) and value.startswith("file://")):
             return cast(Audio, self._inner().load_audio(value, task_id, sample_rate=sample_rate))
+        return decode_audio(self._read_media(value), sample_rate, self._settings.max_audio_seconds)
+
+    def load_video(
+        self, value: str, task_id: int | None = None, *, sampling: Sampling | Mapping[str, Any] | None = None
+    ) -> Video:
+        """Return a video's sampled frames (file:// decoded by the same decoder as a download)."""
+        if not (isinstance(value, str) and value.startswith("file://")):
+            return cast(Video, self._inner().load_video(value, task_id, sampling=sampling))
+        return decode_video(self._read_media(value), video_sampling(self._settings, sampling))
+
+    def _read_media(self, value: str) -> Fetched:
+        """Return a file:// audio or video file's bytes (MAX_DOWNLOAD_BYTES applies as to a download)."""
         path = self.local_path(value)
         limit = self._settings.max_download_bytes
         try:
@@ -86,9 +99,7 @@ class LocalFileResolver:
         except OSError as exc:
             raise InputError(f"cannot read {path.name}: {exc.strerror}") from None
         mime = mimetypes.guess_type(path.name)[0] or ""
-        return decode_audio(
-            Fetched(body, mime, None, path.name), sample_rate, self._settings.max_audio_seconds
-        )
+        return Fetched(body, mime, None, path.name)
 
     def load_text(self, value: Any, task_id: int | None = None, *, as_url: bool | None = None) -> str:
         """Return text (file:// read as UTF-8)."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import mimetypes
 import os
 import posixpath
 import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit
@@ -32,6 +34,7 @@ from serving.fetch.decode import ImageDecoder, Shrink, decode_text, scrub_surrog
 from serving.fetch.lsclient import LabelStudioClient
 from serving.fetch.policy import UrlPolicy, install_log_redaction, safe_url
 from serving.fetch.transport import WATCHDOG, Deadline, describe_error, make_session, this_fetch
+from serving.fetch.video import Sampling, Video, decode_video
 from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,10 @@ class Resolver(Protocol):
     def load_text(self, value: str, task_id: int | None = None, *, as_url: bool | None = None) -> str: ...
 
     def load_audio(self, value: str, task_id: int | None = None, *, sample_rate: int = 16000) -> Any: ...
+
+    def load_video(
+        self, value: str, task_id: int | None = None, *, sampling: Sampling | Mapping[str, Any] | None = None
+    ) -> Any: ...
 
 
 def _media_type(header: str | None) -> tuple[str, str | None]:
@@ -141,6 +148,12 @@ class DataResolver:
     def load_audio(self, value: str, task_id: int | None = None, *, sample_rate: int = 16000) -> Audio:
         """Return the audio behind value as mono float32 at sample_rate (MAX_AUDIO_SECONDS enforced)."""
         return decode_audio(self.fetch(value, task_id), sample_rate, self._settings.max_audio_seconds)
+
+    def load_video(
+        self, value: str, task_id: int | None = None, *, sampling: Sampling | Mapping[str, Any] | None = None
+    ) -> Video:
+        """Return the sampled frames of the video behind value (VIDEO_* settings, changed by `sampling`)."""
+        return decode_video(self.fetch(value, task_id), video_sampling(self._settings, sampling))
 
     def load_text(self, value: Any, task_id: int | None = None, *, as_url: bool | None = None) -> str:
         """Return text: value itself, or the decoded download when it is a URL (as_url forces either way)."""
@@ -522,3 +535,16 @@ class DataResolver:
         raise InputError(
             f"too many redirects (more than {MAX_REDIRECTS}) from {safe_url(url)}: a redirect loop?"
         )
+
+
+def video_sampling(settings: Settings, change: Sampling | Mapping[str, Any] | None = None) -> Sampling:
+    """Return how videos are sampled: the VIDEO_* settings, or `change` (a Sampling, or the fields it sets)."""
+    if isinstance(change, Sampling):
+        return change
+    base = Sampling(
+        fps=settings.video_sample_fps,
+        max_frames=settings.video_max_frames,
+        max_side=settings.video_frame_max_side,
+        max_seconds=settings.max_video_seconds,
+    )
+    return dataclasses.replace(base, **dict(change)) if change else base

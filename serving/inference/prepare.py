@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from serving.contract import Backend, Item, ObjectTag, Target
+from serving.contract import Backend, ControlTag, Item, LabelMap, ObjectTag, Target
 from serving.errors import InputError
 from serving.fetch.decode import ORIGINAL_SIZE
 from serving.fetch.resolver import Resolver
@@ -42,6 +43,8 @@ def prepare(
         item.original_size = item.image.info.get(ORIGINAL_SIZE)
     elif kind == "audio":
         _load_audio(item, value, task_id, backend, resolver)
+    elif kind == "video":
+        _load_video(item, value, task_id, backend, resolver)
     elif kind == "text" and obj.tag == "Paragraphs":
         item.value = _paragraphs(value, obj, task_id, resolver)
     elif kind == "text" and obj.tag == "Table" and isinstance(value, (Mapping, list)):
@@ -56,6 +59,45 @@ def prepare(
         else:
             item.text = resolver.load_text(value, task_id)
     return item, backend.preprocess(item)
+
+
+def task_targets(targets: Sequence[Target], task: Any) -> list[Target]:
+    """Return the targets with dynamic labels (value="$key" on the tag) filled from this task's list.
+
+    Label Studio shows such a tag with the labels of the task's data[key] (`[{"value": ...}, ...]`):
+    the model is prompted with those, and only those leave (validation checks the same list).
+    """
+    out = []
+    data = task.get("data") if isinstance(task, Mapping) else None
+    for target in targets:
+        role, control = _label_control(target)
+        key = control.attr("value")[1:] if control.attr("value").startswith("$") else ""
+        if control.labels or not key or not isinstance(data, Mapping):
+            out.append(target)
+            continue
+        labels = _dynamic_labels(data.get(key))
+        filled = replace(control, labels=labels)
+        if role:
+            target = replace(target, linked={**target.linked, role: filled})
+        else:
+            target = replace(target, control=filled)
+        out.append(replace(target, label_map=LabelMap(labels)))
+    return out
+
+
+def _label_control(target: Target) -> tuple[str, ControlTag]:
+    """Return ("" or the linked role, the control whose labels a target emits)."""
+    if not target.control.labels and "labels" in target.linked:
+        return "labels", target.linked["labels"]
+    return "", target.control
+
+
+def _dynamic_labels(raw: Any) -> tuple[str, ...]:
+    """Return the labels of a task's dynamic list: each entry's "value" (or the entry, a string)."""
+    if not isinstance(raw, list):
+        return ()
+    values = (e.get("value") if isinstance(e, Mapping) else e for e in raw)
+    return tuple(dict.fromkeys(str(v).strip() for v in values if isinstance(v, str | int) and str(v).strip()))
 
 
 def _task_value(task: Any, obj: ObjectTag) -> Any:
@@ -82,6 +124,18 @@ def _load_audio(item: Item, value: Any, task_id: int | None, backend: Backend, r
         )
     audio = resolver.load_audio(value, task_id, sample_rate=backend.audio_rate())
     item.audio, item.sample_rate = audio.samples, audio.sample_rate
+
+
+def _load_video(item: Item, value: Any, task_id: int | None, backend: Backend, resolver: Resolver) -> None:
+    """Decode the task's sampled video frames into the item (InputError for a value that is no URL)."""
+    if not isinstance(value, str):
+        raise InputError(
+            f"data['{item.obj.value_key}'] must be a video URL or path, got {type(value).__name__}"
+        )
+    video = resolver.load_video(value, task_id, sampling=backend.video_sampling(item))
+    item.frames, item.frame_indices = video.frames, video.indices
+    item.fps, item.frame_count, item.video_duration = video.fps, video.frame_count, video.duration
+    item.video_size = video.size
 
 
 def _paragraphs(value: Any, obj: ObjectTag, task_id: int | None, resolver: Resolver) -> list[Any]:

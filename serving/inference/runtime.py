@@ -14,6 +14,7 @@ from serving.errors import ModelUnavailable, Overloaded
 from serving.fetch.local import build_resolver
 from serving.fetch.lsclient import LabelStudioClient
 from serving.fetch.resolver import Resolver
+from serving.inference import pages
 from serving.inference.batching import BULK, URGENT, Ticket
 from serving.inference.call import Call, TaskFailure, answer, config_schema
 from serving.inference.device import pick_device
@@ -235,13 +236,18 @@ class Runtime:
         plan = plan or self.plan(label_config)
         timeout = self.settings.predict_timeout_s if timeout_s is None else timeout_s
         interactive = bool(context and isinstance(context, Mapping) and context.get("result"))
-        call = Call(tasks, context if interactive else None, time.monotonic() + timeout, timeout)
+        # a multi-page object (valueList): each page is predicted as a task of its own, then merged
+        paged = pages.page_objects(plan.objects)
+        run_tasks, split = pages.split(tasks, paged) if paged else (list(tasks), None)
+        call = Call(run_tasks, context if interactive else None, time.monotonic() + timeout, timeout)
         # interactive calls and small requests (an annotator opening a task) go ahead of big ones
         small = interactive or len(tasks) <= self.settings.small_request_tasks
         call.lane = URGENT if small else BULK
         groups = self._ready_groups(plan, call)
         if groups:
             self._run(call, groups)
+        if split is not None:
+            call = pages.merge(call, tasks, split)
         schema = config_schema(label_config)
         version = self.model_version(plan)
         return [answer(call, i, schema, version, failures, self.metrics) for i in range(len(tasks))]

@@ -11,6 +11,7 @@ from serving.contract import Backend, Item, ObjectTag, Target
 from serving.errors import InputError, Overloaded
 from serving.inference.call import Call, Failed
 from serving.inference.metrics import Metrics
+from serving.inference.prepare import task_targets
 from serving.inference.slot import ModelSlot
 
 log = logging.getLogger("serving.inference.runtime")  # the runtime's log, as before the split
@@ -124,9 +125,10 @@ class TaskRun:
             self._fail(self.call.late)
             return None
         try:
-            return self.host._prepare(
-                self.call.tasks[self.i], self.obj, self.slot.backend, self.call.context, self.targets
-            )
+            task = self.call.tasks[self.i]
+            # a tag with dynamic labels takes this task's list (prompts, label map) from here on
+            self.targets = task_targets(self.targets, task)
+            return self.host._prepare(task, self.obj, self.slot.backend, self.call.context, self.targets)
         except InputError as exc:
             self._fail(str(exc))
         except Exception as exc:

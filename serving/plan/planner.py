@@ -88,6 +88,8 @@ def parse_config(label_config: str) -> tuple[dict[str, ObjectTag], list[ControlT
         value = str(obj.value or "")
         key = value[1:] if value.startswith("$") else ""
         objects[obj.name] = ObjectTag(name=obj.name, tag=obj.tag, value_key=key, attrs=dict(obj.attr or {}))
+    every = tuple((o.name, o.tag, o.value_key) for o in objects.values())
+    objects = {n: replace(o, others=tuple(e for e in every if e[0] != n)) for n, o in objects.items()}
 
     controls: list[ControlTag] = []
     trees = _taxonomy_paths(label_config) if any(c.tag == "Taxonomy" for c in sdk_controls) else {}
@@ -192,42 +194,18 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         unclaimed = [c for c in remaining if c.to_name == obj.name and c.name not in linked_names]
         if settings.auto_route:
             routed, unserved = route_object(obj, claimed, unclaimed, all_on_obj, settings, families)
-            taken = {r.claim.control.name for r in routed}
+            # a routed claim's linked per-region tags (choices, textarea) are filled by it too
+            taken = {r.claim.control.name for r in routed} | {
+                c.name for r in routed for role, c in r.claim.linked.items() if role != "labels"
+            }
             remaining = [c for c in remaining if c.name not in taken]
             routes.extend(r.route for r in routed)
-            routes.extend(unserved)
+            routes.extend(u for u in unserved if u.control not in taken)
             plan_claims = [(r.family, r.cls, r.claim) for r in routed]
         else:
             plan_claims = claimed
-            for family, _cls, claim in claimed:
-                source = label_source(claim)
-                routes.append(
-                    Route(
-                        claim.control.name,
-                        claim.control.tag,
-                        obj.name,
-                        family,
-                        claim.model_name,
-                        source.labels,
-                        "claimed by tag (AUTO_ROUTE=false)",
-                    )
-                )
-        for family, cls, claim in plan_claims:
-            labels_source = label_source(claim)
-            label_map = LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases)
-            spec = ModelSpec(family=family, name=claim.model_name, path=claim.model_path)
-            targets.append(
-                Target(
-                    control=claim.control,
-                    obj=obj,
-                    model=spec,
-                    label_map=label_map,
-                    threshold=_threshold(claim.control, cls.default_threshold),
-                    linked=dict(claim.linked),
-                    readonly=_is_true(claim.control.attr("model_readonly")),
-                    hidden=_is_true(claim.control.attr("model_hidden")),
-                )
-            )
+            routes.extend(_tag_route(obj, family, claim) for family, _cls, claim in claimed)
+        targets.extend(_target(obj, family, cls, claim) for family, cls, claim in plan_claims)
     unfilled = tuple(f"{c.name} ({c.tag})" for c in remaining if c.name not in linked_names)
     plan = Plan(
         config_hash=config_hash(label_config),
@@ -250,6 +228,35 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
     for route in plan.routes:
         log.info("config %s: %s", plan.config_hash, route.line())
     return plan
+
+
+def _tag_route(obj: ObjectTag, family: str, claim: Claim) -> Route:
+    """Return the route of a tag its family claimed by itself (AUTO_ROUTE=false)."""
+    source = label_source(claim)
+    return Route(
+        claim.control.name,
+        claim.control.tag,
+        obj.name,
+        family,
+        claim.model_name,
+        source.labels,
+        "claimed by tag (AUTO_ROUTE=false)",
+    )
+
+
+def _target(obj: ObjectTag, family: str, cls: type[Backend], claim: Claim) -> Target:
+    """Return the plan's target of one claim: its model, label map, threshold and linked tags."""
+    labels_source = label_source(claim)
+    return Target(
+        control=claim.control,
+        obj=obj,
+        model=ModelSpec(family=family, name=claim.model_name, path=claim.model_path),
+        label_map=LabelMap(labels_source.labels, labels_source.predicted_values, cls.aliases),
+        threshold=_threshold(claim.control, cls.default_threshold),
+        linked=dict(claim.linked),
+        readonly=_is_true(claim.control.attr("model_readonly")),
+        hidden=_is_true(claim.control.attr("model_hidden")),
+    )
 
 
 class Planner:

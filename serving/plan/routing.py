@@ -75,6 +75,12 @@ def label_source(claim: Claim) -> ControlTag:
     return claim.control
 
 
+def dynamic_key(control: ControlTag) -> str:
+    """Return the task data key of a tag's dynamic labels (value="$key", labels from the task), else ""."""
+    value = control.attr("value")
+    return value[1:] if value.startswith("$") and len(value) > 1 and not control.labels else ""
+
+
 def names_model(control: ControlTag) -> bool:
     """Return True when a tag picks its model itself (model_name or model_path)."""
     return bool(control.attr("model_name") or control.attr("model_path"))
@@ -148,7 +154,8 @@ def route_object(
         out.extend(_route_claim(obj, family, cls, claim, controls, settings, families))
     for control in unclaimed:
         bare = Claim(control=control, model_name="")
-        if names_model(control) or not label_source(bare).labels:
+        dynamic = dynamic_key(label_source(bare))
+        if names_model(control) or not (label_source(bare).labels or dynamic):
             continue
         present, absent, why = _zero_shot(obj, bare, controls, settings, families)
         labels = label_source(bare).labels
@@ -159,6 +166,8 @@ def route_object(
             )
             continue
         reason = "no closed-vocabulary model fills this tag: zero-shot, prompted by its labels"
+        if dynamic:
+            reason = f"labels from each task's ${dynamic}: zero-shot, prompted per task"
         if chosen is absent:
             reason += f" (weights missing: {why})"
         out.append(_route(chosen.family, chosen.cls, chosen.claim, obj, labels, reason))
@@ -179,6 +188,8 @@ def _route_claim(
         return [_route(family, cls, claim, obj, source.labels, "named on the tag (model_name/model_path)")]
     if cls.zero_shot:
         return [_route(family, cls, claim, obj, source.labels, "zero-shot default (DETECTOR setting)")]
+    if not source.labels and dynamic_key(source):
+        return _route_dynamic(obj, family, cls, claim, controls, settings, families)
     if not source.labels:
         return [_route(family, cls, claim, obj, (), "the tag has no labels: the model's own")]
     known_set = cls.known_labels(ModelSpec(family, claim.model_name, claim.model_path), source, settings)
@@ -221,3 +232,25 @@ def _route_claim(
             f"no model knows these labels{missing}",
         )
     ]
+
+
+def _route_dynamic(
+    obj: ObjectTag,
+    family: str,
+    cls: type[Backend],
+    claim: Claim,
+    controls: Sequence[ControlTag],
+    settings: Settings,
+    families: Mapping[str, type[Backend]],
+) -> list[Routed]:
+    """Route a tag whose labels each task brings (value="$key") to a zero-shot family, prompted per task."""
+    key = dynamic_key(label_source(claim))
+    present, absent, why = _zero_shot(obj, claim, controls, settings, families)
+    chosen = present or absent
+    if chosen is None:
+        reason = f"labels from each task's ${key}, and no zero-shot family takes this tag: the model's own"
+        return [_route(family, cls, claim, obj, (), reason)]
+    reason = f"labels from each task's ${key}: zero-shot, prompted per task"
+    if chosen is absent:
+        reason += f" (weights missing: {why})"
+    return [_route(chosen.family, chosen.cls, chosen.claim, obj, (), reason)]

@@ -116,3 +116,71 @@ def build_sam1(folder: Path, seed: int = 0, input_px: int = INPUT_PX) -> Path:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     return folder
+
+
+def build_sam2_video(folder: Path, seed: int = 0, input_px: int = INPUT_PX) -> Path:
+    """Save a tiny random Sam2VideoModel + Sam2VideoProcessor (memory attention and encoder included)."""
+    import torch
+    from transformers import (
+        Sam2HieraDetConfig,
+        Sam2ImageProcessor,
+        Sam2VideoConfig,
+        Sam2VideoModel,
+        Sam2VideoProcessor,
+        Sam2VideoVideoProcessor,
+        Sam2VisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    stride = input_px // 4
+    backbone = Sam2HieraDetConfig(
+        hidden_size=12,
+        image_size=input_px,
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[12, 24, 48, 96],
+        num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 4, 4],
+        global_attention_blocks=[3],
+        window_positional_embedding_background_size=[4, 4],
+    )
+    vision = Sam2VisionConfig(
+        backbone_config=backbone,
+        backbone_channel_list=[96, 48, 24, 12],
+        backbone_feature_sizes=[[stride, stride], [stride // 2, stride // 2], [stride // 4, stride // 4]],
+        fpn_hidden_size=128,
+    )
+    # hidden 128 over the memory's fixed 64 channels: object pointers split in two, as SAM 2's 256 in four
+    config = Sam2VideoConfig(
+        vision_config=vision,
+        prompt_encoder_config={"hidden_size": 128, "image_size": input_px, "patch_size": 16},
+        mask_decoder_config={
+            "hidden_size": 128,
+            "mlp_dim": 64,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 32,
+        },
+        image_size=input_px,
+        num_maskmem=3,
+        memory_attention_hidden_size=128,
+        memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64,
+        memory_attention_rope_feat_sizes=[input_px // 16, input_px // 16],
+        memory_encoder_hidden_size=128,
+        mask_downsampler_embed_dim=128,
+        memory_fuser_embed_dim=128,
+        memory_fuser_intermediate_dim=64,
+    )
+    model = Sam2VideoModel(config).eval()
+    processor = Sam2VideoProcessor(
+        image_processor=Sam2ImageProcessor(
+            size={"height": input_px, "width": input_px}, mask_size={"height": stride, "width": stride}
+        ),
+        video_processor=Sam2VideoVideoProcessor(size={"height": input_px, "width": input_px}),
+        target_size=input_px,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def text_ids(text: str) -> list[int]:
     return list(text.encode("ascii"))
 
 
-def build_whisper(folder: Path) -> Path:
+def build_whisper(folder: Path, d_model: int = 16, tied: bool = True) -> Path:
     """Save a tiny random multilingual WhisperForConditionalGeneration with its processor into `folder`."""
     import torch
     from transformers import (
@@ -64,7 +65,7 @@ def build_whisper(folder: Path) -> Path:
     config = WhisperConfig(
         vocab_size=VOCAB_SIZE,
         num_mel_bins=80,
-        d_model=16,
+        d_model=d_model,
         encoder_layers=1,
         decoder_layers=1,
         encoder_attention_heads=2,
@@ -77,6 +78,7 @@ def build_whisper(folder: Path) -> Path:
         bos_token_id=EOT,
         eos_token_id=EOT,
         decoder_start_token_id=SOT,
+        tie_word_embeddings=tied,
     )
     model = WhisperForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
@@ -117,3 +119,43 @@ def plant(backend: Any, answers: list[list[int]]) -> list[dict[str, Any]]:
 
     backend.model.generate = generate
     return calls
+
+
+def plant_transcript(folder: Path, text: str, end_s: float, language: str = "en") -> Path:
+    """Rewrite a saved tiny Whisper (untied head) so that it transcribes any audio as `text` from 0 s to `end_s`.
+
+    Every attention and MLP output and the decoder's positions are zeroed, so the decoder's state is its
+    last token's embedding: a bigram table. The chain's tokens get one-hot embeddings and the head sends
+    <|startoftranscript|> to the language, <|transcribe|> to <|0.00|>, that to the text's bytes in turn,
+    then <|end_s|> and end of text. The text's bytes must be distinct; d_model must exceed the chain.
+    Used where a real server process transcribes (e2e, bench), which no test can hand a planted generate().
+    """
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(folder)
+    ids = text_ids(text)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{text!r} repeats a byte: a bigram table cannot write it")
+    chain = [TRANSCRIBE, ts(0.0), *ids, ts(end_s), EOT]
+    nodes = [SOT, *chain[:-1]]
+    hidden = model.config.d_model
+    if hidden <= len(nodes):
+        raise ValueError(f"d_model {hidden} must exceed the chain's {len(nodes)} tokens")
+    decoder = model.model.decoder
+    with torch.no_grad():
+        for name, param in decoder.named_parameters():
+            if name.endswith(("out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias")):
+                param.zero_()
+        decoder.embed_positions.weight.zero_()
+        embed = decoder.embed_tokens.weight
+        embed.zero_()
+        for k, token in enumerate(nodes):
+            embed[token, k] = 1.0
+        head = model.proj_out.weight
+        head.zero_()
+        head[LANG[language], 0] = 10.0  # <|startoftranscript|> -> the language (detection)
+        for current, following in itertools.pairwise(chain):
+            head[following, nodes.index(current)] = 10.0
+    model.save_pretrained(folder)
+    return folder

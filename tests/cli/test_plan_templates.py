@@ -90,6 +90,13 @@ def test_label_studio_templates_get_the_model_their_labels_need(capsys: pytest.C
     assert rows["audio-speech-processing/automatic-speech-recognition"][1] == (
         "transcription (TextArea) -> audio_transcription:whisper"
     )
+    assert rows["audio-speech-processing/sound-event-detection"][:2] == [
+        "all",
+        "label (Labels) -> audio_classification:clap",
+    ]
+    assert rows["audio-speech-processing/speaker-segmentation"][1] == (
+        "label (Labels) -> audio_classification:speaker_segmentation"  # SPEAKER_MODEL, a diarizer
+    )
     assert rows["computer-vision/image-captioning"][1] == "caption (TextArea) -> vision_generation:vlm"
     # text classification (issue #25): Choices and Taxonomy on text objects, zero-shot by default
     for name in (

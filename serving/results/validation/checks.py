@@ -22,11 +22,12 @@ from serving.results.validation.problems import (
     is_number,
 )
 from serving.results.validation.spans import SpanChecks
+from serving.results.validation.video import VideoChecks
 
 log = logging.getLogger(__name__)
 
 
-class _Checker(GeometryChecks, SpanChecks):
+class _Checker(GeometryChecks, SpanChecks, VideoChecks):
     """Collect the problems of one list of items (one prediction or annotation)."""
 
     def item(self, item: Any, region_items: Mapping[str, set[str]], ids: set[str]) -> list[Problem]:
@@ -85,12 +86,42 @@ class _Checker(GeometryChecks, SpanChecks):
             out.extend(self.where(item, control, obj, value))
         return out
 
+    def item_index(self, item: Mapping[str, Any], obj: ObjectInfo) -> list[Problem]:
+        """Check the page of an item on a valueList object (<Image valueList="$pages">): item_index."""
+        index = item.get("item_index")
+        pages = self.task_data.get(obj.value_key) if self.task_data is not None else None
+        count = len(pages) if isinstance(pages, list) else None
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or index < 0
+            or (count is not None and index >= count)
+        ):
+            where = f"0 to {count - 1}" if count else "a page index from 0"
+            return [
+                self.problem(
+                    item,
+                    "bad_item_index",
+                    f'<{obj.tag} name="{obj.name}"> shows a list of {obj.value_key!r}: its items need '
+                    f"item_index, the page ({where}), got {index!r}",
+                )
+            ]
+        return []
+
     def where(
         self, item: Mapping[str, Any], control: ControlInfo, obj: ObjectInfo, value: Mapping[str, Any]
     ) -> list[Problem]:
-        """Check where the item lies in its object: geometry on an image, a span on a text."""
+        """Check where the item lies in its object: its page, geometry on an image, a span on a text."""
+        pages = self.item_index(item, obj) if obj.attrs.get("valuelist") else []
+        return pages + self._where_in(item, control, obj, value)
+
+    def _where_in(
+        self, item: Mapping[str, Any], control: ControlInfo, obj: ObjectInfo, value: Mapping[str, Any]
+    ) -> list[Problem]:
         if obj.tag in IMAGE_OBJECTS:
             return self.image_geometry(item, control, value)
+        if obj.tag == "Video":
+            return self.video_region(item, control, obj, value)
         if not control.tag.endswith("Labels"):
             return []
         if obj.tag in SPAN_TEXT_OBJECTS:
