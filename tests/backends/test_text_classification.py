@@ -311,3 +311,20 @@ def test_a_multi_label_classifier_uses_sigmoids_and_taxonomy_nodes_leave_as_path
     assert got["c"] == (["Sports", "Music"], pytest.approx(sig))  # case-insensitive names
     # the classifier's "sports" is the node Leisure > Sports ("music" maps to no node: its alias is "mus")
     assert got["topic"] == ([["Leisure", "Sports"]], pytest.approx(sig))
+
+
+def test_dynamic_choices_are_each_tasks_own_list(tmp_path: Path, nli: Path) -> None:
+    app, _ = app_for(tmp_path, nli)
+    config = """<View><Text name="text" value="$text"/>
+      <Choices name="c" toName="text" value="$options"/></View>"""
+    options = [{"value": "Sports"}, {"value": "Music"}]
+    (sports, none) = predict(
+        app,
+        config,
+        [
+            {"text": "sports game", "options": options},
+            {"text": "politics vote", "options": [{"value": "Music"}]},
+        ],
+    )
+    assert answers(sports)["c"] == (["Sports"], pytest.approx(P2))
+    assert none == []  # one option, not entailed: below 0.5
