@@ -172,11 +172,12 @@ VISION_ALIASES: tuple[frozenset[str], ...] = tuple(
 
 def checkpoints_dir() -> Path:
     """Return torch's hub checkpoint folder ($TORCH_HOME/hub/checkpoints), where weights are read."""
-    if "torch" in sys.modules:
-        import torch.hub
-
-        return Path(torch.hub.get_dir()) / "checkpoints"
-    # /setup and /health must answer in milliseconds, and importing torch can take seconds
+    # Only a torch that finished importing: while another thread is still importing it, `import
+    # torch.hub` raises KeyError('torch') on CPython 3.11 (seen at start-up with WARMUP and an early
+    # /setup). /setup and /health must answer in milliseconds, and importing torch can take seconds.
+    hub = getattr(sys.modules.get("torch"), "hub", None)
+    if hub is not None and hasattr(hub, "get_dir"):
+        return Path(hub.get_dir()) / "checkpoints"
     return torch_checkpoints_dir()
 
 

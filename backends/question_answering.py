@@ -227,7 +227,9 @@ class QuestionAnsweringBackend(Backend):
             padding=True,
             return_tensors="pt",
         )
-        inputs = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask") if k in enc}
+        # token_type_ids too: BERT-style models tell the question from the passage by them
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        inputs = {k: enc[k].to(self.device) for k in keys if k in enc}
         with torch.inference_mode():
             out = self.model(**inputs)
         start = out.start_logits.float().masked_fill(inputs["attention_mask"] == 0, -1e4).softmax(-1)

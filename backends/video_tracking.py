@@ -180,7 +180,13 @@ class VideoTrackingBackend(Backend):
     @classmethod
     def availability(cls, spec: ModelSpec, settings: Settings) -> str | None:
         """Return why the detector cannot load (its own message and download command), else None."""
+        import importlib.util
+
         inner_cls, inner_spec = cls._inner(spec)
+        if importlib.util.find_spec("torch") is not None:
+            # the parent package first: CPython 3.11 raises KeyError('torch') for `import torch.hub` (the
+            # torchvision families' check) while another thread is importing torch
+            importlib.import_module("torch")
         return inner_cls.availability(inner_spec, settings)
 
     @classmethod

@@ -119,10 +119,6 @@ class Prompts:
     plain: dict[str, str]
     bio: dict[str, tuple[str, str]]
 
-    def __hash__(self) -> int:
-        """Hash by the phrases (the mappings follow from them and the tag)."""
-        return hash(self.phrases)
-
 
 def prompts_of(target: Target) -> Prompts:
     """Return a target's prompts: each label's predicted_values or value; BIO labels by their type."""

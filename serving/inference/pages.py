@@ -45,7 +45,7 @@ def split(tasks: Sequence[Any], objects: dict[str, str]) -> tuple[list[Any], Pag
         data = task.get("data") if isinstance(task, Mapping) else None
         lists = {k: data[k] for k in keys if isinstance(data, Mapping) and isinstance(data.get(k), list)}
         count = max((len(v) for v in lists.values()), default=0)
-        if not lists or count == 0:
+        if not isinstance(data, Mapping) or count == 0:
             out.append(task)
             owner.append(i)
             page.append(-1)

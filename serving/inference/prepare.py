@@ -65,7 +65,8 @@ def task_targets(targets: Sequence[Target], task: Any) -> list[Target]:
     """Return the targets with dynamic labels (value="$key" on the tag) filled from this task's list.
 
     Label Studio shows such a tag with the labels of the task's data[key] (`[{"value": ...}, ...]`):
-    the model is prompted with those, and only those leave (validation checks the same list).
+    the model is prompted with those, and only those leave (validation checks the same list). A
+    target whose task list is empty or missing is left out: the task has nothing to label for it.
     """
     out = []
     data = task.get("data") if isinstance(task, Mapping) else None
@@ -76,6 +77,8 @@ def task_targets(targets: Sequence[Target], task: Any) -> list[Target]:
             out.append(target)
             continue
         labels = _dynamic_labels(data.get(key))
+        if not labels:
+            continue  # the task offers no label for this tag: nothing to predict
         filled = replace(control, labels=labels)
         if role:
             target = replace(target, linked={**target.linked, role: filled})

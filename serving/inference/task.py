@@ -128,6 +128,9 @@ class TaskRun:
             task = self.call.tasks[self.i]
             # a tag with dynamic labels takes this task's list (prompts, label map) from here on
             self.targets = task_targets(self.targets, task)
+            if not self.targets:  # only dynamic-label tags, and this task lists no label for them
+                self.final.set_result([])
+                return None
             return self.host._prepare(task, self.obj, self.slot.backend, self.call.context, self.targets)
         except InputError as exc:
             self._fail(str(exc))

@@ -97,15 +97,18 @@ def test_visual_genome_dynamic_labels_prompt_each_task_with_its_list(tmp_path: P
     # with no DETECTOR named, the torchvision detector's tag goes to the open-vocabulary family
     (route,) = build_plan(config, Settings(), families()).routes
     assert route.family == "open_vocab" and "labels from each task's $regions" in route.reason
-    first, second = predict(
+    first, second, empty = predict(
         tmp_path,
         dino,
         config,
         [
             {"image": "http://x/600x400.jpg", "regions": [{"value": "car"}, {"value": "bus"}]},
             {"image": "http://x/600x400.jpg", "regions": [{"value": "truck"}]},
+            {"image": "http://x/600x400.jpg", "regions": []},
         ],
     )
+    # a task that lists no label: nothing to predict, an empty result (not an error LS would retry)
+    assert empty["result"] == [] and "error" not in empty
     assert found(first) == [(None, "car", 600, 10.0)]
     assert found(second) == [(None, "truck", 600, 0.0)]
     assert second["score"] == pytest.approx(SCORE_TRUCK, abs=1e-4)
