@@ -128,9 +128,13 @@ class TextClassificationBackend(Backend):
 
     @classmethod
     def accepts_model(cls, name: str) -> bool:
-        """Return True for a short name, text_classification:<id>, or a hub id (org/name)."""
+        """Return True for a short name or text_classification:<id> (what `weights download --model` routes here).
+
+        A plain hub id (org/name) on a Choices / Taxonomy tag is ours too (see claim), but not here:
+        NER takes any name, and a token classifier's id must stay NER's download.
+        """
         lowered = name.strip().lower()
-        return lowered in KNOWN or lowered.startswith(PREFIX) or bool(_HUB_ID.match(name.strip()))
+        return lowered in KNOWN or lowered.startswith(PREFIX)
 
     @classmethod
     def default_model_for(cls, settings: Settings) -> str:
@@ -139,15 +143,25 @@ class TextClassificationBackend(Backend):
 
     @classmethod
     def claim(cls, obj: ObjectTag, controls: Sequence[ControlTag], settings: Settings) -> list[Claim]:
-        """Claim named tags (never perRegion ones); a model_path alone must be a sequence classifier."""
+        """Claim tags naming our model or a hub id (never perRegion ones); a model_path alone must be a classifier."""
+        if obj.tag not in cls.object_tags:
+            return []
         claims = []
-        for claim in super().claim(obj, [c for c in controls if not _per_region(c)], settings):
-            path = claim.control.attr("model_path")
-            if path and not claim.control.attr("model_name"):
+        for control in controls:
+            if control.tag not in cls.control_tags or _per_region(control):
+                continue
+            name, path = control.attr("model_name").strip(), control.attr("model_path")
+            if name and not (cls.accepts_model(name) or _HUB_ID.match(name)):
+                continue
+            if not name and not path:
+                continue  # reached through routing (route_claim), which says why
+            if path and not name:
                 folder = hf.local_folder(source_of(ModelSpec(cls.family, "", path), settings))
                 if folder is not None and not is_classifier(folder):
                     continue  # another family's checkpoint (a language model for generation)
-            claims.append(claim)
+            claims.append(
+                Claim(control=control, model_name=name or cls.default_model_for(settings), model_path=path)
+            )
         return claims
 
     @classmethod
@@ -180,9 +194,10 @@ class TextClassificationBackend(Backend):
         if folder is None or hf.weights_file(folder) is None:
             if spec.path:
                 return f"model_path '{spec.path}' is not a save_pretrained() folder of a text classifier"
+            name = spec.name if cls.accepts_model(spec.name) else PREFIX + spec.name
             return (
                 f"weights of '{source_of(spec, settings)}' are not in the Hugging Face cache: run "
-                f"`python -m serving weights download --model {spec.name}` where internet exists, or set "
+                f"`python -m serving weights download --model {name}` where internet exists, or set "
                 "TEXT_CLASSIFICATION_MODEL / model_path to a save_pretrained() folder"
             )
         if not is_classifier(folder):

@@ -272,7 +272,16 @@ def test_weights_download_knows_the_default_model_and_hub_ids(tmp_path: Path) ->
     from serving.cli.weights import _owner
 
     assert _owner("nli", registry()) == "text_classification"
-    assert _owner("MoritzLaurer/deberta-v3-base-zeroshot-v2.0", registry()) == "text_classification"
+    assert _owner("text_classification:MoritzLaurer/deberta-v3-base-zeroshot-v2.0", registry()) == (
+        "text_classification"
+    )
+    assert _owner("dslim/bert-base-NER", registry()) == "ner"  # a plain id stays NER's download
+    # a hub id on a Choices tag is ours; its /setup command names it with the prefix
+    config = SENTIMENT.format(attrs=' model_name="org/my-classifier"')
+    (target,) = build_plan(config, Settings(model_dir=str(tmp_path)), registry()).targets
+    assert (target.model.family, target.model.name) == ("text_classification", "org/my-classifier")
+    reason = TextClassificationBackend.availability(target.model, Settings(model_dir=str(tmp_path)))
+    assert reason is not None and "--model text_classification:org/my-classifier" in reason
     (status,) = TextClassificationBackend.weights_status(Settings(model_dir=str(tmp_path)))
     assert (status.model, status.present, status.url) == (
         "nli",
@@ -302,3 +311,20 @@ def test_a_multi_label_classifier_uses_sigmoids_and_taxonomy_nodes_leave_as_path
     assert got["c"] == (["Sports", "Music"], pytest.approx(sig))  # case-insensitive names
     # the classifier's "sports" is the node Leisure > Sports ("music" maps to no node: its alias is "mus")
     assert got["topic"] == ([["Leisure", "Sports"]], pytest.approx(sig))
+
+
+def test_dynamic_choices_are_each_tasks_own_list(tmp_path: Path, nli: Path) -> None:
+    app, _ = app_for(tmp_path, nli)
+    config = """<View><Text name="text" value="$text"/>
+      <Choices name="c" toName="text" value="$options"/></View>"""
+    options = [{"value": "Sports"}, {"value": "Music"}]
+    (sports, none) = predict(
+        app,
+        config,
+        [
+            {"text": "sports game", "options": options},
+            {"text": "politics vote", "options": [{"value": "Music"}]},
+        ],
+    )
+    assert answers(sports)["c"] == (["Sports"], pytest.approx(P2))
+    assert none == []  # one option, not entailed: below 0.5
