@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from serving.contract import Backend, Item, ModelSpec, ObjectTag, Target
-from serving.errors import ModelUnavailable, Overloaded
+from serving.errors import ConfigError, ModelUnavailable, Overloaded
 from serving.fetch.local import build_resolver
 from serving.fetch.lsclient import LabelStudioClient
 from serving.fetch.resolver import Resolver
@@ -95,13 +95,20 @@ class Runtime:
             self._device = pick_device(self.settings)
         return self._device
 
-    def plan(self, label_config: str, routed: bool = True) -> Plan:
-        """Return the cached plan of a labeling config (`routed=False`: each tag kept by the family claiming it)."""
-        if routed or not self.settings.auto_route:
+    def plan(self, label_config: str) -> Plan:
+        """Return the cached plan of a labeling config."""
+        return self.planner.plan(label_config)
+
+    def unrouted_plan(self, label_config: str) -> Plan | None:
+        """Return the config's plan without label routing (what trained models take tags from), or None."""
+        if not self.settings.auto_route:
             return self.planner.plan(label_config)
         if self._unrouted is None:
             self._unrouted = Planner(self.settings.with_(auto_route=False), self.families)
-        return self._unrouted.plan(label_config)
+        try:
+            return self._unrouted.plan(label_config)
+        except ConfigError:  # only zero-shot families serve it
+            return None
 
     def family(self, spec: ModelSpec) -> type[Backend]:
         """Return the Backend class of a spec's family."""

@@ -32,6 +32,7 @@ class Plan:
     skipped: tuple[str, ...] = ()  # controls with model_skip="true"
     families: Mapping[str, type[Backend]] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()  # per control tag: which model serves which labels, and why
+    controls: Mapping[str, ControlTag] = field(default_factory=dict)  # every control, all its labels, by name
 
     @property
     def specs(self) -> tuple[ModelSpec, ...]:
@@ -41,14 +42,34 @@ class Plan:
             seen.setdefault(target.model.key, target.model)
         return tuple(seen.values())
 
-    def with_trained(self, unrouted: Plan, models: Mapping[str, ModelSpec]) -> Plan:
+    def whole_tags(self, key: str) -> tuple[Target, ...]:
+        """Return the targets a model fills, each with every label of its tag (what training teaches it)."""
+        return tuple(self._widened(t) for t in self.targets_of(key))
+
+    def _widened(self, target: Target) -> Target:
+        """Return a target with its tag's full label list (routing may have kept only some for its model)."""
+        control = self.controls.get(target.control.name, target.control)
+        linked = {role: self.controls.get(c.name, c) for role, c in target.linked.items()}
+        source = linked["labels"] if not control.labels and "labels" in linked else control
+        cls = self.families.get(target.model.family)
+        label_map = LabelMap(source.labels, source.predicted_values, cls.aliases if cls else ())
+        return replace(target, control=control, linked=linked, label_map=label_map)
+
+    def with_trained(self, models: Mapping[str, ModelSpec], unrouted: Plan | None = None) -> Plan:
         """Return this plan with trained models in, each serving every label of its tags (what it was trained on).
 
-        `unrouted` is the same config planned without label routing (the plan a training job uses):
-        its targets of the trained models replace this plan's targets of their tags, zero-shot routes
-        of those tags' labels included.
+        A trained model takes its tags over from the routes (zero-shot parts of those tags included).
+        `unrouted` (the config planned without label routing) supplies a trained model whose tags
+        routing gave to other models entirely.
         """
-        taken = [t for t in unrouted.targets if t.model.key in models]
+        taken = [self._widened(t) for t in self.targets if t.model.key in models]
+        here = {t.model.key for t in taken}
+        if unrouted is not None:
+            taken += [
+                unrouted._widened(t)
+                for t in unrouted.targets
+                if t.model.key in models and t.model.key not in here
+            ]
         if not taken:
             return self
         names = {t.control.name for t in taken}
@@ -221,6 +242,7 @@ def build_plan(label_config: str, settings: Settings, families: Mapping[str, typ
         skipped=skipped,
         families=families,
         routes=tuple(routes),
+        controls={c.name: c for c in controls},
     )
     if not plan.targets:
         supported = sorted({phrase for cls in families.values() for phrase in cls.supported()})
@@ -263,6 +285,16 @@ def _target(obj: ObjectTag, family: str, cls: type[Backend], claim: Claim) -> Ta
         readonly=_is_true(claim.control.attr("model_readonly")),
         hidden=_is_true(claim.control.attr("model_hidden")),
     )
+
+
+def unrouted_plan(
+    label_config: str, settings: Settings, families: Mapping[str, type[Backend]]
+) -> Plan | None:
+    """Return the config planned without label routing (each tag kept by the family claiming it), or None."""
+    try:
+        return build_plan(label_config, settings.with_(auto_route=False), families)
+    except ConfigError:  # only zero-shot families serve it: they are reached through routing alone
+        return None
 
 
 class Planner:

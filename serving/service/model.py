@@ -199,9 +199,9 @@ class ModelService:
         if key is None:
             return base
         trained = self.trained_models(key)
-        # trained models serve every label of their tags, as the job planned them (without routing)
-        unrouted = self.runtime.plan(label_config, routed=False) if trained else base
-        base_keys = {spec.key for spec in unrouted.specs}
+        # a trained model whose tags routing gave to other models entirely comes from the unrouted plan
+        unrouted = self.runtime.unrouted_plan(label_config) if trained else None
+        base_keys = {spec.key for plan in (base, unrouted) if plan is not None for spec in plan.specs}
         relevant = {k: spec for k, spec in trained.items() if k in base_keys}
         slot_key = (key, base.config_hash)
         with self._lock:
@@ -210,7 +210,7 @@ class ModelService:
             if active is None or active is not base:
                 self._swap(slot_key, base)  # remembered: a later trained version swaps in once loaded
             return base
-        wanted = base.with_trained(unrouted, relevant)
+        wanted = base.with_trained(relevant, unrouted)
         wanted_keys = [spec.key for spec in wanted.specs]
         if active is not None and [spec.key for spec in active.specs] == wanted_keys:
             if not self._failed(active):
@@ -429,8 +429,8 @@ class ModelService:
         if isinstance(config, str):
             plan = self.runtime.plan(config)
             base = self.runtime.model_version(plan)
-            unrouted = self.runtime.plan(config, routed=False)
-            current = self.runtime.model_version(plan.with_trained(unrouted, self.trained_models(key)))
+            unrouted = self.runtime.unrouted_plan(config)
+            current = self.runtime.model_version(plan.with_trained(self.trained_models(key), unrouted))
         versions: list[str] = []
         for version in (current, *(t["model_version"] for t in trained), base):
             if isinstance(version, str) and version not in versions:

@@ -22,7 +22,7 @@ from serving.contract import Backend, Example, Target, TrainCancelled
 from serving.fetch.local import build_resolver
 from serving.fetch.resolver import Resolver
 from serving.plan.families import Registry
-from serving.plan.planner import Plan, build_plan
+from serving.plan.planner import Plan, build_plan, unrouted_plan
 from serving.plan.version import plan_version
 from serving.settings import Settings
 from serving.training.examples import ExportStats, examples_from_tasks, export_sha1
@@ -192,10 +192,13 @@ def _trainable(
     reason = cls.trainable(job.spec, settings)
     if reason:
         raise TrainingFailed(reason)
-    # Without label routing: fine-tuning teaches the model every label of its tags, the ones no
-    # pretrained class knows first of all (routing would hand those to a zero-shot model).
-    plan = build_plan(job.config, settings.with_(auto_route=False), families)
-    targets = plan.targets_of(job.model_key)
+    # Fine-tuning teaches the model every label of its tags, the ones no pretrained class knows first
+    # of all (label routing hands those to a zero-shot model until the trained version serves them).
+    plan = build_plan(job.config, settings, families)
+    targets = plan.whole_tags(job.model_key)
+    if not targets:  # routing gave all its tags to other models: the tags that family claims
+        unrouted = unrouted_plan(job.config, settings, families)
+        targets = unrouted.whole_tags(job.model_key) if unrouted is not None else ()
     if not targets:
         raise TrainingFailed(f"the labeling config no longer uses {job.model_key}")
     return cls, plan, targets
@@ -278,7 +281,7 @@ def _train(
         raise TrainingFailed(f"{cls.family}.train() wrote no {model_path} into its output folder")
     trained_spec = dataclasses.replace(job.spec, path=str(output / model_path), trained="new")
     # the version the project is then served with: its routed plan, this model serving all its tags' labels
-    served = build_plan(job.config, settings, families).with_trained(plan, {job.model_key: trained_spec})
+    served = plan.with_trained({job.model_key: trained_spec}, unrouted_plan(job.config, settings, families))
     model_version = plan_version(served, families, settings)
     manifest = {
         "job_id": job.id,
