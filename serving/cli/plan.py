@@ -86,6 +86,18 @@ def coverage_table(rows: list[Coverage]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_all_weights(families: Mapping[str, type[Backend]]) -> dict[str, type[Backend]]:
+    """Return the families as on a server where every model's weights are present (planning only)."""
+
+    def present(cls: type[Backend], spec: Any, settings: Any) -> None:
+        return None
+
+    return {
+        name: type(cls.__name__, (cls,), {"availability": classmethod(present), "__module__": cls.__module__})
+        for name, cls in families.items()
+    }
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan a labeling config (or every template of a folder) with this server's families and settings."""
     from serving.plan.planner import build_plan
@@ -96,14 +108,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError("give one of --config FILE or --templates DIR")
     settings = Settings.from_env()
     out = sys.stdout
+    families = args.families()
+    if args.all_weights:
+        families = with_all_weights(families)
     if args.templates is not None:
         folder = Path(args.templates)
-        rows = [cover(name, config, settings, args.families()) for name, config in templates(folder)]
+        rows = [cover(name, config, settings, families) for name, config in templates(folder)]
         if not rows:
             raise UsageError(f"no */*/config.yml templates under {folder}")
         out.write(coverage_table(rows))
         return EXIT_OK
-    plan = build_plan(read_config(args.config), settings, args.families())
+    plan = build_plan(read_config(args.config), settings, families)
     if args.json:
         out.write(json.dumps([r.as_dict() for r in plan.routes], indent=2, ensure_ascii=False) + "\n")
         return EXIT_OK
@@ -124,4 +139,9 @@ def add_parser(sub: Any) -> None:
         help="Label Studio's annotation_templates folder: plan every template and print the coverage table",
     )
     p.add_argument("--json", action="store_true", help="print the routes as JSON")
+    p.add_argument(
+        "--all-weights",
+        action="store_true",
+        help="plan as a server with every model's weights downloaded (the Docker image's or a connected host's)",
+    )
     p.set_defaults(func=cmd_plan)

