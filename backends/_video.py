@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from serving.contract import ObjectTag
-from serving.results import regions
+from serving.results import video as video_regions
 
 
 def frame_rate_of(obj: ObjectTag, task: Mapping[str, Any]) -> float:
@@ -15,4 +15,4 @@ def frame_rate_of(obj: ObjectTag, task: Mapping[str, Any]) -> float:
     if raw.startswith("$"):
         data = task.get("data")
         raw = str(data.get(raw[1:], "")) if isinstance(data, Mapping) else ""
-    return regions.video_frame_rate(raw)
+    return video_regions.video_frame_rate(raw)

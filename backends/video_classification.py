@@ -23,6 +23,7 @@ from backends._video import frame_rate_of
 from backends.zero_shot_image import PromptSet, ZeroShotImageBackend, _features, prompt_set
 from serving.contract import Item, Target
 from serving.results import regions
+from serving.results import video as video_regions
 
 
 @dataclass
@@ -132,17 +133,19 @@ class VideoClassificationBackend(ZeroShotImageBackend):
         best = smoothed.argmax(axis=1)
         keep = smoothed[np.arange(len(best)), best] >= target.threshold
         rate = frame_rate_of(item.obj, item.task)
-        count = regions.video_frames_count(item.duration, rate)
+        count = video_regions.video_frames_count(item.duration, rate)
         out = []
         for first, last in _runs([int(b) if k else -1 for b, k in zip(best, keep, strict=True)]):
             label = int(best[first])
-            start = regions.video_frame(indices[first], item.fps, rate, count)
+            start = video_regions.video_frame(indices[first], item.fps, rate, count)
             if last + 1 < len(indices):
-                end = regions.video_frame(indices[last + 1], item.fps, rate, count) - 1
+                end = video_regions.video_frame(indices[last + 1], item.fps, rate, count) - 1
             else:
                 end = count
             score = float(smoothed[first : last + 1, label].mean())
-            out.append(regions.timeline_item(target, start, max(start, end), prompts.choices[label], score))
+            out.append(
+                video_regions.timeline_item(target, start, max(start, end), prompts.choices[label], score)
+            )
         return out
 
 

@@ -23,6 +23,7 @@ from backends._tracking import ByteTracker, Detection, Track
 from backends._video import frame_rate_of
 from serving.contract import Backend, Claim, ControlTag, Item, ModelSpec, ObjectTag, Target
 from serving.results import regions
+from serving.results import video as video_regions
 
 if TYPE_CHECKING:
     from serving.settings import Settings
@@ -252,22 +253,24 @@ class VideoTrackingBackend(Backend):
         with self.lock:
             masks = self.track_masks(item.frames, box_px)
         rate = frame_rate_of(item.obj, item.task)
-        count = regions.video_frames_count(item.duration, rate)
-        first = regions.video_keyframe(int(keyframe["frame"]), rate, keyframe, True)
+        count = video_regions.video_frames_count(item.duration, rate)
+        first = video_regions.video_keyframe(int(keyframe["frame"]), rate, keyframe, True)
         sequence = [first]
         for index, mask in zip(item.frame_indices[1:], masks[1:], strict=False):
             box = _sam_video.mask_box(mask)
             if box is None:  # the object is gone: the box ends on the last frame it was seen
                 sequence[-1]["enabled"] = False
                 break
-            frame = regions.video_frame(index, item.fps, rate, count)
+            frame = video_regions.video_frame(index, item.fps, rate, count)
             if frame > sequence[-1]["frame"]:
                 pct = regions.box_xyxy_px_to_pct(box, size)
-                sequence.append(regions.video_keyframe(frame, rate, pct, True))
+                sequence.append(video_regions.video_keyframe(frame, rate, pct, True))
         labels = region.get("value", {}).get("labels") or [None]
         region_id = str(region.get("id") or "") or None
         return [
-            regions.video_rectangle_item(target, sequence, count, item.duration, 1.0, labels[0], region_id)
+            video_regions.video_rectangle_item(
+                target, sequence, count, item.duration, 1.0, labels[0], region_id
+            )
         ]
 
     def track_masks(self, frames: Sequence[Any], box_xyxy_px: Sequence[float]) -> list[Any]:
@@ -356,20 +359,22 @@ class VideoTrackingBackend(Backend):
     def track_regions(self, tracks: Sequence[Track], target: Target, item: Item) -> list[dict[str, Any]]:
         """Return one region per track: keyframes on editor frames, enabled: false where a track ends."""
         rate = frame_rate_of(item.obj, item.task)
-        count = regions.video_frames_count(item.duration, rate)
+        count = video_regions.video_frames_count(item.duration, rate)
         last_position = len(item.frame_indices) - 1
         out = []
         for track in tracks:
             sequence: list[dict[str, Any]] = []
             for position, box, _score in track.seen:
-                frame = regions.video_frame(item.frame_indices[position], item.fps, rate, count)
+                frame = video_regions.video_frame(item.frame_indices[position], item.fps, rate, count)
                 if sequence and sequence[-1]["frame"] == frame:
                     continue
                 pct = {"x": box[0], "y": box[1], "width": box[2] - box[0], "height": box[3] - box[1]}
-                sequence.append(regions.video_keyframe(frame, rate, pct, True))
+                sequence.append(video_regions.video_keyframe(frame, rate, pct, True))
             if track.last < last_position:
                 sequence[-1]["enabled"] = False  # the object left: hide the box after its last frame
             out.append(
-                regions.video_rectangle_item(target, sequence, count, item.duration, track.score, track.label)
+                video_regions.video_rectangle_item(
+                    target, sequence, count, item.duration, track.score, track.label
+                )
             )
         return out

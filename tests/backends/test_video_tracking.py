@@ -17,6 +17,7 @@ from serving.contract import Backend, ControlTag, Item, ModelSpec, Target
 from serving.http.app import create_app
 from serving.inference.runtime import Runtime
 from serving.results import regions
+from serving.results import video as video_regions
 from serving.results.schema import ConfigSchema
 from serving.results.validation.checks import check_items
 from serving.settings import Settings
@@ -185,12 +186,14 @@ def test_keyframes_follow_the_configs_frame_rate(tmp_path: Any, clip_uri: str) -
 
 def test_video_frame_numbers_match_the_players_count() -> None:
     """The editor's rules: frame N is at (N - 1) / frameRate, clamped to [1, framesCount]; 24 by default."""
-    assert regions.video_frame_rate(None) == 24.0 and regions.video_frame_rate("x") == 24.0
-    assert regions.video_frame_rate("0.04") == pytest.approx(25.0)
-    assert regions.video_frames_count(4.0, 10.0) == 40
-    assert [regions.video_frame(i, 10.0, 10.0, 40) for i in (0, 1, 39, 45)] == [1, 2, 40, 40]
-    assert regions.video_frame(23, 10.0, 25.0, 100) == 59  # 2.3 s: frame 58 (2.282 s) still shows frame 22
-    assert regions.video_frame(12, 30.0, 24.0, 100) == math.ceil(12 / 30 * 24 - 0.048) + 1 == 11
+    assert video_regions.video_frame_rate(None) == 24.0 and video_regions.video_frame_rate("x") == 24.0
+    assert video_regions.video_frame_rate("0.04") == pytest.approx(25.0)
+    assert video_regions.video_frames_count(4.0, 10.0) == 40
+    assert [video_regions.video_frame(i, 10.0, 10.0, 40) for i in (0, 1, 39, 45)] == [1, 2, 40, 40]
+    assert (
+        video_regions.video_frame(23, 10.0, 25.0, 100) == 59
+    )  # 2.3 s: frame 58 (2.282 s) still shows frame 22
+    assert video_regions.video_frame(12, 30.0, 24.0, 100) == math.ceil(12 / 30 * 24 - 0.048) + 1 == 11
 
 
 def _det(x: float, score: float = 0.9, label: str = "a") -> Detection:

@@ -117,7 +117,9 @@ def test_label_studio_templates_get_the_model_their_labels_need(capsys: pytest.C
 
 
 @pytest.mark.skipif(not SHIPPED, reason="Label Studio's templates come with the e2e venv (make e2e-setup)")
-def test_with_all_weights_the_templates_plan_as_on_a_connected_host(capsys: pytest.CaptureFixture[str]) -> None:
+def test_with_all_weights_the_templates_plan_as_on_a_connected_host(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["plan", "--templates", SHIPPED[0]], families=families) == 0
     here = _rows(capsys.readouterr().out)
     assert main(["plan", "--all-weights", "--templates", SHIPPED[0]], families=families) == 0
