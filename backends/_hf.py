@@ -62,3 +62,12 @@ def weights_file(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def folder_version(name: str, folder: Path | None) -> str:
+    """Return `name@<fingerprint of the checkpoint folder>`, or `name@missing` without its weights file."""
+    from serving.contract import weights_fingerprint
+
+    if folder is None or weights_file(folder) is None:
+        return f"{name}@missing"
+    return f"{name}@{weights_fingerprint(folder)}"

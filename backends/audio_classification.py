@@ -53,7 +53,6 @@ from serving.contract import (
     ModelSpec,
     ObjectTag,
     Target,
-    weights_fingerprint,
 )
 from serving.results import regions
 
@@ -318,10 +317,7 @@ class AudioClassificationBackend(Backend):
     @classmethod
     def version_of(cls, spec: ModelSpec, settings: Settings) -> str:
         """Return the model name and a fingerprint of its checkpoint folder."""
-        folder = cls._folder(spec, settings)
-        if folder is None or hf.weights_file(folder) is None:
-            return f"{spec.name}@missing"
-        return f"{spec.name}@{weights_fingerprint(folder)}"
+        return hf.folder_version(spec.name, cls._folder(spec, settings))
 
     @classmethod
     def weights_status(cls, settings: Settings) -> list[Any]:

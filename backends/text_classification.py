@@ -45,7 +45,6 @@ from serving.contract import (
     Target,
     TrainingRun,
     TrainResult,
-    weights_fingerprint,
 )
 from serving.results import regions
 
@@ -207,10 +206,7 @@ class TextClassificationBackend(Backend):
     @classmethod
     def version_of(cls, spec: ModelSpec, settings: Settings) -> str:
         """Return the model name and a fingerprint of its checkpoint folder."""
-        folder = cls._folder(spec, settings)
-        if folder is None or hf.weights_file(folder) is None:
-            return f"{spec.name}@missing"
-        return f"{spec.name}@{weights_fingerprint(folder)}"
+        return hf.folder_version(spec.name, cls._folder(spec, settings))
 
     @classmethod
     def target_version(cls, target: Target, settings: Settings) -> str:

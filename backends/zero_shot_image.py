@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from backends import _hf as hf
-from serving.contract import Backend, ControlTag, Item, ModelSpec, ObjectTag, Target, weights_fingerprint
+from serving.contract import Backend, ControlTag, Item, ModelSpec, ObjectTag, Target
 from serving.results import regions
 
 if TYPE_CHECKING:
@@ -164,10 +164,7 @@ class ZeroShotImageBackend(Backend):
     @classmethod
     def version_of(cls, spec: ModelSpec, settings: Settings) -> str:
         """Return the model name and a fingerprint of its checkpoint folder."""
-        folder = cls._folder(spec, settings)
-        if folder is None or hf.weights_file(folder) is None:
-            return f"{spec.name}@missing"
-        return f"{spec.name}@{weights_fingerprint(folder)}"
+        return hf.folder_version(spec.name, cls._folder(spec, settings))
 
     @classmethod
     def weights_status(cls, settings: Settings) -> list[Any]:
